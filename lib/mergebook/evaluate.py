@@ -1,0 +1,57 @@
+"""Evaluation: logits through frozen heads, accuracy per task and on average, entropy and loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .models.suite import Suite, TaskData
+
+StateDict = dict[str, torch.Tensor]
+
+
+def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Zero-shot-style head: L2-normalise features, then multiply by the scaled class matrix."""
+    return F.normalize(features, dim=-1) @ head.T
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits), one value per row."""
+    logp = logits.log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], head: torch.Tensor,
+    images: torch.Tensor, batch_size: int = 1000,
+) -> torch.Tensor:
+    """Logits of ``images`` under ``state_dict`` (weights passed functionally, model untouched)."""
+    model.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        feats = functional_call(model, dict(state_dict), (images[i : i + batch_size],))
+        out.append(head_logits(feats, head))
+    return torch.cat(out)
+
+
+def accuracy(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], head: torch.Tensor, data: TaskData
+) -> float:
+    """Top-1 accuracy in percent of one task's test set."""
+    logits = predict(model, state_dict, head, data.images)
+    return 100.0 * (logits.argmax(-1) == data.labels).float().mean().item()
+
+
+def evaluate(
+    suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Accuracy (%) of one merged model on each task, plus their mean under ``"avg"``."""
+    tasks = list(tasks or suite.tasks)
+    res = {t: accuracy(suite.model, state_dict, suite.heads[t], suite.test[t]) for t in tasks}
+    res["avg"] = sum(res[t] for t in tasks) / len(tasks)
+    return res
