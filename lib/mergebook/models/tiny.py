@@ -1,0 +1,204 @@
+"""The ``tiny`` backend: the offline miniature as a :class:`~mergebook.models.suite.Suite`.
+
+Pipeline (each stage cached under ``.cache/mergebook/tiny/`` by a hash of its config and code):
+
+1. generate the eight tasks' train / prototype / test images (``mergebook.data.tiny_suite``);
+2. load the committed pretrained encoder (the miniature's CLIP), checking its sha256;
+3. build frozen zero-shot-like heads: per class, the normalised mean of the *pretrained*
+   encoder's normalised embeddings of a few prototype images, times the pretraining logit scale
+   (CLIP's heads are the same construction over text embeddings of prompt templates);
+4. fully fine-tune the encoder on each task with its frozen head (AdamW, cosine schedule,
+   gradient clipping, as task_vectors does);
+5. train the *Traditional MTL* reference row jointly on all tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import artifacts
+from ..data import render, tiny_suite
+from ..evaluate import head_logits
+from . import tiny_train
+from .suite import Suite, TaskData
+from .tiny_train import ASSET, ASSET_RECORD, TINY_VIT, cosine_lr, random_shift, sha256_file, to_tensor
+from .vit import ViTConfig, VisionTransformer
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Everything that defines the miniature after pretraining (hashed into cache keys)."""
+
+    tasks: tuple[str, ...] = tuple(tiny_suite.TASKS)
+    n_train: int = 2000
+    n_test: int = 1000
+    protos_per_class: int = 10
+    data_seed: int = 0
+    ft_steps: int = 300
+    ft_batch: int = 64
+    ft_lr: float = 3e-4
+    ft_weight_decay: float = 0.1
+    ft_warmup: int = 30
+    ft_seed: int = 0
+    mtl_steps: int = 600
+    mtl_batch_per_task: int = 16
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for hashing and reporting."""
+        return asdict(self)
+
+
+class AssetError(RuntimeError):
+    """The committed pretrained encoder is missing or does not match its recorded hash."""
+
+
+def load_pretrained() -> tuple[StateDict, dict]:
+    """The committed pretrained miniature encoder and its metadata, after checking its sha256."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not ASSET.exists() or not ASSET_RECORD.exists():
+        raise AssetError(f"missing {ASSET} or its record {ASSET_RECORD}; restore them from git "
+                         "(git checkout -- lib/mergebook/assets) or re-run "
+                         "`python -m mergebook.models.tiny_train pretrain`")
+    record = json.loads(ASSET_RECORD.read_text())
+    digest = sha256_file(ASSET)
+    if digest != record["sha256"]:
+        raise AssetError(f"{ASSET.name} has sha256 {digest}, but its record says {record['sha256']}: the file "
+                         "is corrupt or was replaced; restore it with `git checkout -- lib/mergebook/assets`")
+    with safe_open(str(ASSET), "pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(ASSET)), meta
+
+
+def encoder_config(meta: dict) -> ViTConfig:
+    """The ViT config recorded in the asset's metadata."""
+    return ViTConfig(**json.loads(meta["config"])) if "config" in meta else TINY_VIT
+
+
+def _data_modules():
+    return [render, tiny_suite]
+
+
+def task_data(cfg: TinyConfig, cache: artifacts.Cache, progress: bool = True) -> dict[str, dict[str, tuple]]:
+    """uint8 images and labels of every task's splits (cached; identical on every machine)."""
+    sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    out: dict[str, dict[str, tuple]] = {}
+    for task in tqdm(cfg.tasks, desc="tiny suite data", disable=not progress):
+        sizes["proto"] = cfg.protos_per_class * tiny_suite.num_classes(task)
+        key = artifacts.make_key({"task": task, "sizes": sizes, "seed": cfg.data_seed}, _data_modules())
+
+        def build(task=task, sizes=dict(sizes)):
+            d = {}
+            for split, n in sizes.items():
+                x, y = tiny_train.generate_parallel(task, split, n, seed=cfg.data_seed, desc=f"{task}/{split}")
+                d[f"{split}.x"], d[f"{split}.y"] = torch.from_numpy(x), torch.from_numpy(y)
+            return d
+
+        t = cache.tensors(f"data-{task}", key, build)
+        out[task] = {s: (t[f"{s}.x"].numpy(), t[f"{s}.y"]) for s in sizes}
+    return out
+
+
+@torch.no_grad()
+def build_heads(model: VisionTransformer, pretrained: StateDict, data: dict, logit_scale: float,
+                tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Zero-shot-like heads: normalised class prototypes of the pretrained encoder x logit scale."""
+    model.load_state_dict(pretrained)
+    model.eval()
+    heads = {}
+    for task in tasks:
+        x, y = data[task]["proto"]
+        feats = F.normalize(model(to_tensor(x)), dim=-1)
+        k = tiny_suite.num_classes(task)
+        protos = torch.stack([F.normalize(feats[y == c].mean(0), dim=-1) for c in range(k)])
+        heads[task] = (logit_scale * protos).contiguous()
+    return heads
+
+
+def _train(model: VisionTransformer, init: StateDict, batches, heads: list[torch.Tensor], steps: int,
+           lr: float, weight_decay: float, warmup: int, desc: str, progress: bool) -> StateDict:
+    """Full fine-tuning with frozen heads: AdamW, warm-up + cosine, grad-norm clip 1.0."""
+    model.load_state_dict(init)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, steps, warmup)
+        loss = 0.0
+        for (xb, yb), head in zip(next(batches), heads):
+            loss = loss + F.cross_entropy(head_logits(model(xb), head), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _batches(sets: list[tuple[np.ndarray, torch.Tensor]], batch: int, seed: int):
+    """Endless fixed-seed shuffled mini-batches, one per dataset per step, with random shifts."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [to_tensor(x) for x, _ in sets]
+    ys = [y for _, y in sets]
+    perms = [torch.randperm(len(y), generator=gen) for y in ys]
+    pos = [0] * len(sets)
+    while True:
+        out = []
+        for i in range(len(sets)):
+            if pos[i] + batch > len(ys[i]):
+                perms[i], pos[i] = torch.randperm(len(ys[i]), generator=gen), 0
+            idx = perms[i][pos[i] : pos[i] + batch]
+            pos[i] += batch
+            out.append((random_shift(xs[i][idx], 2, gen), ys[i][idx]))
+        yield out
+
+
+def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl: bool = False,
+               cache: artifacts.Cache | None = None) -> Suite:
+    """Build (or load from cache) the miniature Suite; ``with_mtl`` also trains the joint MTL model."""
+    cfg = cfg or TinyConfig()
+    cache = cache or artifacts.Cache("tiny")
+    torch.manual_seed(cfg.ft_seed)
+    pretrained, meta = load_pretrained()
+    model = VisionTransformer(encoder_config(meta))
+    logit_scale = float(meta["logit_scale"])
+    data = task_data(cfg, cache, progress)
+    asset_hash = json.loads(ASSET_RECORD.read_text())["sha256"]
+    train_modules = [render, tiny_suite, tiny_train]
+    base = {"asset": asset_hash, **{k: v for k, v in cfg.to_dict().items() if k != "tasks"}}
+    heads = cache.tensors("heads", artifacts.make_key({**base, "tasks": cfg.tasks}, train_modules),
+                          lambda: build_heads(model, pretrained, data, logit_scale, cfg.tasks))
+    finetuned = {}
+    for i, task in enumerate(cfg.tasks):
+        key = artifacts.make_key({**base, "task": task}, train_modules)
+        finetuned[task] = cache.tensors(f"finetuned-{task}", key, lambda task=task, i=i: _train(
+            model, pretrained, _batches([data[task]["train"]], cfg.ft_batch, cfg.ft_seed + i),
+            [heads[task]], cfg.ft_steps, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup,
+            f"fine-tune {task}", progress))
+    test = {t: TaskData(to_tensor(data[t]["test"][0]), data[t]["test"][1]) for t in cfg.tasks}
+    suite = Suite(profile="tiny", tasks=list(cfg.tasks), model=model, pretrained=pretrained,
+                  finetuned=finetuned, heads=heads, test=test,
+                  class_names={t: tiny_suite.class_names(t) for t in cfg.tasks},
+                  meta={"config": cfg.to_dict(), "asset": meta, "logit_scale": logit_scale})
+    if with_mtl:
+        key = artifacts.make_key({**base, "tasks": cfg.tasks, "mtl": True}, train_modules)
+        suite.meta["mtl"] = cache.tensors("mtl", key, lambda: _train(
+            model, pretrained, _batches([data[t]["train"] for t in cfg.tasks], cfg.mtl_batch_per_task, cfg.ft_seed),
+            [heads[t] for t in cfg.tasks], cfg.mtl_steps, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup,
+            "traditional MTL", progress))
+    suite.meta["sample_images"] = {t: data[t]["test"][0][:64] for t in cfg.tasks}
+    suite.meta["split_sizes"] = {t: {s: int(len(v[1])) for s, v in data[t].items()} for t in cfg.tasks}
+    return suite
