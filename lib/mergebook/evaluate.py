@@ -48,10 +48,17 @@ def accuracy(
 
 
 def evaluate(
-    suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None
+    suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None,
+    split: str = "test",
 ) -> dict[str, float]:
-    """Accuracy (%) of one merged model on each task, plus their mean under ``"avg"``."""
+    """Accuracy (%) of one merged model on each task, plus their mean under ``"avg"``.
+
+    ``split="val"`` uses the held-out validation split (for choosing hyperparameters honestly).
+    """
     tasks = list(tasks or suite.tasks)
-    res = {t: accuracy(suite.model, state_dict, suite.heads[t], suite.test[t]) for t in tasks}
+    data = {"test": suite.test, "val": suite.val}.get(split)
+    if not data:
+        raise ValueError(f"split {split!r} is not available in this suite; use 'test' or 'val'")
+    res = {t: accuracy(suite.model, state_dict, suite.heads[t], data[t]) for t in tasks}
     res["avg"] = sum(res[t] for t in tasks) / len(tasks)
     return res

@@ -39,11 +39,12 @@ PAPER_ANALOGUE = {
     "digits": "MNIST", "housenum": "SVHN", "letters": "SUN397", "greek": "Cars",
     "signs": "GTSRB", "textures": "DTD", "shapes": "EuroSAT", "patterns": "RESISC45",
 }
-SPLITS = {"train": 0, "test": 1, "proto": 2}
+SPLITS = {"train": 0, "test": 1, "proto": 2, "val": 3}
 
 LATIN_UPPER = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
 GREEK_SMALL = list("αβγδεζηθικλμνξοπρστυφχψω")
-CYRILLIC_SMALL = list("бвгдежзийклмнптфцчшщъыьэюя")
+# Cyrillic small letters, minus those that look like a Greek task class (к~κ, п~π, т~τ).
+CYRILLIC_SMALL = list("бвгдежзийлмнфцчшщъыьэюя")
 LATIN_SMALL = list("abdefghjkmnqrty")
 SYMBOLS = list("&@#%$§?!+=*/<>{}()[]∑∫√∞≈≠÷±∂∇∈∩∪♠♣♥♦★♪¶€")
 
@@ -92,7 +93,8 @@ def _digit_pool(split: str) -> np.ndarray:
     n = len(_sk_digits()[1])
     perm = np.random.default_rng(1234).permutation(n)
     cut1, cut2 = int(0.55 * n), int(0.65 * n)
-    return {"train": perm[:cut1], "proto": perm[cut1:cut2], "test": perm[cut2:]}[split]
+    cut3 = int(0.72 * n)
+    return {"train": perm[:cut1], "proto": perm[cut1:cut2], "val": perm[cut2:cut3], "test": perm[cut3:]}[split]
 
 
 def _glyph_image(rng, ch, fonts, *, ink_bg=True, height=(0.55, 0.85), rotate=15.0):
@@ -210,7 +212,8 @@ def _word_mask(font: str, word: str) -> np.ndarray:
 
 def _textures(rng, label, split):
     src = _photo(TEXTURE_SOURCES[label])
-    cols = (0.0, 0.7) if split != "test" else (0.7, 1.0)  # disjoint image regions per split
+    # disjoint image regions: train/proto on the left 60%, validation next, test on the right 25%
+    cols = {"val": (0.6, 0.75), "test": (0.75, 1.0)}.get(split, (0.0, 0.6))
     img = R.crop(rng, src, (24, 64), cols)
     img = np.rot90(img, int(rng.integers(4)))
     if rng.random() < 0.5:
@@ -311,7 +314,7 @@ TASK_SPECS = {
 
 
 # ------------------------------------------------------------------------------- pretraining mix
-PRE_SHAPES = ["ellipse", "semicircle", "crescent", "trapezoid", "parallelogram", "L", "T",
+PRE_SHAPES = ["ellipse", "semicircle", "crescent", "trapezoid", "parallelogram", "L-shape", "T-shape",
               "heptagon", "star4", "star7"]
 PRE_PATTERNS = ["noise-fine", "noise-mid", "noise-coarse", "plaid", "wavy", "spiral", "lines", "bricks"]
 PRE_COLORS = {"red": [0.85, 0.15, 0.1], "green": [0.15, 0.7, 0.2], "blue": [0.15, 0.25, 0.85],
@@ -337,8 +340,8 @@ def _pre_shape(rng, name):
         verts = {
             "trapezoid": np.array([[-1, -0.6], [1, -0.6], [0.5, 0.6], [-0.5, 0.6]]),
             "parallelogram": np.array([[-1, -0.5], [0.4, -0.5], [1, 0.5], [-0.4, 0.5]]),
-            "L": np.array([[-0.7, 1], [-0.2, 1], [-0.2, -0.5], [0.7, -0.5], [0.7, -1], [-0.7, -1]]),
-            "T": np.array([[-1, 1], [1, 1], [1, 0.55], [0.25, 0.55], [0.25, -1], [-0.25, -1], [-0.25, 0.55],
+            "L-shape": np.array([[-0.7, 1], [-0.2, 1], [-0.2, -0.5], [0.7, -0.5], [0.7, -1], [-0.7, -1]]),
+            "T-shape": np.array([[-1, 1], [1, 1], [1, 0.55], [0.25, 0.55], [0.25, -1], [-0.25, -1], [-0.25, 0.55],
                            [-1, 0.55]]),
             "heptagon": R.regular_polygon(7), "star4": R.regular_polygon(4, 0.35),
             "star7": R.regular_polygon(7, 0.55),
@@ -419,7 +422,7 @@ def pretrain_classes() -> list[tuple[str, str]]:
     out = [("glyph", c) for c in CYRILLIC_SMALL + LATIN_SMALL + SYMBOLS]
     out += [("shape", s) for s in PRE_SHAPES] + [("pattern", p) for p in PRE_PATTERNS]
     out += [("photo", p) for p in PRETRAIN_PHOTOS] + [("color", c) for c in PRE_COLORS]
-    out += [("count", str(n)) for n in range(1, 6)]
+    out += [("count", f"{n} blobs") for n in range(1, 6)]
     return out
 
 
@@ -437,7 +440,7 @@ def _pretrain_sample(rng, label):
     elif family == "color":
         img = _pre_color(rng, name)
     else:
-        img = _pre_count(rng, int(name))
+        img = _pre_count(rng, int(name.split()[0]))
     return R.finish(rng, img, noise=rng.uniform(0.0, 0.06), blur=rng.uniform(0, 0.8), jitter=0.2)
 
 

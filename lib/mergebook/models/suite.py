@@ -39,6 +39,7 @@ class Suite:
     heads: dict[str, torch.Tensor]
     test: dict[str, TaskData]
     class_names: dict[str, list[str]] = field(default_factory=dict)
+    val: dict[str, TaskData] = field(default_factory=dict)  # held-out split for choosing λ, k, ...
     meta: dict = field(default_factory=dict)
 
     def finetuned_list(self) -> list[StateDict]:

@@ -40,6 +40,7 @@ class TinyConfig:
     tasks: tuple[str, ...] = tuple(tiny_suite.TASKS)
     n_train: int = 2000
     n_test: int = 1000
+    n_val: int = 200
     protos_per_class: int = 10
     data_seed: int = 0
     ft_steps: int = 300
@@ -91,7 +92,7 @@ def _data_modules():
 
 def task_data(cfg: TinyConfig, cache: artifacts.Cache, progress: bool = True) -> dict[str, dict[str, tuple]]:
     """uint8 images and labels of every task's splits (cached; identical on every machine)."""
-    sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     out: dict[str, dict[str, tuple]] = {}
     for task in tqdm(cfg.tasks, desc="tiny suite data", disable=not progress):
         sizes["proto"] = cfg.protos_per_class * tiny_suite.num_classes(task)
@@ -189,10 +190,12 @@ def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl
             [heads[task]], cfg.ft_steps, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup,
             f"fine-tune {task}", progress))
     test = {t: TaskData(to_tensor(data[t]["test"][0]), data[t]["test"][1]) for t in cfg.tasks}
+    val = {t: TaskData(to_tensor(data[t]["val"][0]), data[t]["val"][1]) for t in cfg.tasks}
     suite = Suite(profile="tiny", tasks=list(cfg.tasks), model=model, pretrained=pretrained,
                   finetuned=finetuned, heads=heads, test=test,
                   class_names={t: tiny_suite.class_names(t) for t in cfg.tasks},
-                  meta={"config": cfg.to_dict(), "asset": meta, "logit_scale": logit_scale})
+                  val=val, meta={"config": cfg.to_dict(), "asset": meta, "logit_scale": logit_scale,
+                                 "fingerprint": artifacts.make_key({**base, "tasks": cfg.tasks}, train_modules)})
     if with_mtl:
         key = artifacts.make_key({**base, "tasks": cfg.tasks, "mtl": True}, train_modules)
         suite.meta["mtl"] = cache.tensors("mtl", key, lambda: _train(
