@@ -1,0 +1,334 @@
+"""The shared test-time adaptation engine, AdaMerging(++) and CART++ on a pico-sized suite."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+from mergebook.adaptation import (
+    AdaptationResult,
+    CoefficientAdapter,
+    MergeSpace,
+    TaskStreams,
+    clamp_coefficients,
+    entropy_objective,
+)
+from mergebook.evaluate import head_logits
+from mergebook.models.suite import Suite, TaskData
+from mergebook.models.vit import ViTConfig, VisionTransformer
+
+PICO = ViTConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2, output_dim=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# A toy suite: tiny random ViT, fake fine-tuned weights, random-prototype heads
+# ----------------------------------------------------------------------------------------------
+
+
+def toy_suite(num_tasks: int = 3, n: int = 32, classes: int = 5, seed: int = 0,
+              dtype: torch.dtype = torch.float32, delta: float = 0.05, scale: float = 10.0) -> Suite:
+    """Pretrained = a random pico ViT; fine-tuned = pretrained + small random deltas; labels = the
+    fine-tuned model's own predictions (so each individual model is 100% accurate)."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(PICO).to(dtype)
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 1)
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tasks = [f"t{i}" for i in range(num_tasks)]
+    finetuned, heads, test = {}, {}, {}
+    for t in tasks:
+        finetuned[t] = {k: v + delta * torch.randn(v.shape, generator=g, dtype=dtype) for k, v in pre.items()}
+        protos = torch.randn(classes, PICO.output_dim, generator=g, dtype=dtype)
+        heads[t] = scale * torch.nn.functional.normalize(protos, dim=-1)
+        images = torch.randn(n, 3, PICO.image_size, PICO.image_size, generator=g, dtype=dtype)
+        with torch.no_grad():
+            feats = torch.func.functional_call(model, finetuned[t], (images,))
+        labels = head_logits(feats, heads[t]).argmax(-1)
+        test[t] = TaskData(images, labels)
+    return Suite(profile="pico", tasks=tasks, model=model, pretrained=pre, finetuned=finetuned,
+                 heads=heads, test=test)
+
+
+def task_vectors_local(pre, finetuned):
+    """ft − pre over float tensors (the stand-in for mergebook.statedict.task_vectors)."""
+    return [{k: ft[k] - v for k, v in pre.items() if v.is_floating_point()} for ft in finetuned]
+
+
+def _stand_in_statedict() -> types.ModuleType:
+    m = types.ModuleType("mergebook.statedict")
+
+    def task_vectors(pretrained, finetuned, keys=None):
+        keys = list(keys) if keys is not None else [k for k, v in pretrained.items() if v.is_floating_point()]
+        return [{k: ft[k] - pretrained[k] for k in keys} for ft in finetuned]
+
+    m.task_vectors = task_vectors
+    m.float_keys = lambda sd: [k for k, v in sd.items() if v.is_floating_point()]
+    return m
+
+
+@pytest.fixture
+def statedict_api(monkeypatch):
+    """The real mergebook.statedict if it has landed, else a small stand-in for these tests only."""
+    try:
+        mod = importlib.import_module("mergebook.statedict")
+        if not hasattr(mod, "task_vectors"):
+            raise ImportError
+    except ImportError:
+        mod = _stand_in_statedict()
+        monkeypatch.setitem(sys.modules, "mergebook.statedict", mod)
+    return mod
+
+
+def merged_loss(suite: Suite, space: MergeSpace, coefs: torch.Tensor, batches) -> torch.Tensor:
+    params = space.merge(coefs)
+    heads = [suite.heads[t] for t in suite.tasks]
+    return entropy_objective(suite.model, params, heads, batches)[0]
+
+
+def fixed_batches(suite: Suite, size: int = 8):
+    return [[suite.test[t].images[:size]] for t in suite.tasks]
+
+
+# ----------------------------------------------------------------------------------------------
+# The merge
+# ----------------------------------------------------------------------------------------------
+
+
+def test_coefficient_gradient_matches_finite_differences():
+    suite = toy_suite(dtype=torch.float64, delta=0.2)
+    vecs = task_vectors_local(suite.pretrained, suite.finetuned_list())
+    space = MergeSpace(suite.pretrained, vecs)
+    batches = fixed_batches(suite)
+    g = torch.Generator().manual_seed(3)
+    for shape in [(space.num_tasks,), (space.num_layers, space.num_tasks)]:
+        lam = (0.2 + 0.6 * torch.rand(shape, generator=g, dtype=torch.float64)).requires_grad_()
+        (grad,) = torch.autograd.grad(merged_loss(suite, space, lam, batches), lam)
+        flat = lam.detach().reshape(-1)
+        idx = torch.randperm(flat.numel(), generator=g)[:6]
+        eps = 1e-6
+        for i in idx.tolist():
+            plus, minus = flat.clone(), flat.clone()
+            plus[i] += eps
+            minus[i] -= eps
+            fd = (merged_loss(suite, space, plus.view(shape), batches)
+                  - merged_loss(suite, space, minus.view(shape), batches)) / (2 * eps)
+            assert torch.allclose(grad.reshape(-1)[i], fd, rtol=1e-5, atol=1e-9), (shape, i)
+
+
+def test_layer_wise_with_equal_coefficients_reproduces_task_arithmetic():
+    suite = toy_suite()
+    vecs = task_vectors_local(suite.pretrained, suite.finetuned_list())
+    space = MergeSpace(suite.pretrained, vecs)
+    layer = space.merge(torch.full((space.num_layers, space.num_tasks), 0.3))
+    task = space.merge(torch.full((space.num_tasks,), 0.3))
+    for k, v in suite.pretrained.items():
+        ta = v + 0.3 * sum(t[k] for t in vecs)
+        assert layer[k].shape == v.shape
+        assert torch.allclose(layer[k], ta, atol=1e-6), k
+        assert torch.equal(layer[k], task[k]), k
+
+
+def test_merge_space_groups_tensors_by_shape_and_keeps_state_dict_order():
+    suite = toy_suite()
+    space = MergeSpace(suite.pretrained, task_vectors_local(suite.pretrained, suite.finetuned_list()))
+    assert space.keys == list(suite.pretrained)
+    # Two blocks of identical shapes: far fewer groups than tensors (one bmm per group).
+    assert len(space.groups) < space.num_layers
+    merged = space.merge(torch.zeros(space.num_tasks))
+    assert list(merged) == list(suite.pretrained) or set(merged) == set(suite.pretrained)
+    for k, v in suite.pretrained.items():
+        assert torch.equal(merged[k], v)
+
+
+def test_clamp_blocks_gradient_outside_unit_interval_only_when_on():
+    lam = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    (g_on,) = torch.autograd.grad((clamp_coefficients(lam, True) * torch.arange(1.0, 6.0)).sum(), lam)
+    assert g_on.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+    (g_off,) = torch.autograd.grad((clamp_coefficients(lam, False) * torch.arange(1.0, 6.0)).sum(), lam)
+    assert g_off.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # And through the whole adapter: coefficients outside [0, 1] get no gradient when clamped.
+    suite = toy_suite()
+    space = MergeSpace(suite.pretrained, task_vectors_local(suite.pretrained, suite.finetuned_list()))
+    for clamp in (True, False):
+        ad = CoefficientAdapter(suite.model, space, [suite.heads[t] for t in suite.tasks],
+                                granularity="task", clamp=clamp)
+        with torch.no_grad():
+            ad.raw.copy_(torch.tensor([-0.2, 0.5, 1.3]))
+        loss = merged_loss(suite, space, clamp_coefficients(ad.raw, clamp), fixed_batches(suite))
+        loss.backward()
+        outside = ad.raw.grad[[0, 2]]
+        assert (outside == 0).all() if clamp else (outside != 0).all()
+        assert ad.raw.grad[1] != 0
+
+
+def test_concatenated_forward_equals_one_forward_per_task():
+    suite = toy_suite(dtype=torch.float64)
+    space = MergeSpace(suite.pretrained, task_vectors_local(suite.pretrained, suite.finetuned_list()))
+    params = space.merge(torch.full((space.num_tasks,), 0.3, dtype=torch.float64))
+    heads = [suite.heads[t] for t in suite.tasks]
+    batches = [[suite.test[t].images[:4], suite.test[t].images[4:10]] for t in suite.tasks]
+    a, pa = entropy_objective(suite.model, params, heads, batches, concat=True)
+    b, pb = entropy_objective(suite.model, params, heads, batches, concat=False)
+    assert torch.allclose(a, b, rtol=1e-10) and torch.allclose(pa, pb, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, the step, the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def test_task_streams_are_seeded_and_cover_each_epoch():
+    images = [torch.arange(10.0).view(10, 1), torch.arange(100.0, 107.0).view(7, 1)]
+    a, b = TaskStreams(images, 3, seed=5), TaskStreams(images, 3, seed=5)
+    seq_a = [a.step() for _ in range(6)]
+    seq_b = [b.step() for _ in range(6)]
+    for x, y in zip(seq_a, seq_b):
+        assert all(torch.equal(u[0], v[0]) for u, v in zip(x, y))
+    first_epoch = torch.cat([s[0][0] for s in seq_a[:3]]).view(-1)
+    assert len(set(first_epoch.tolist())) == 9  # no repeats within an epoch
+    c = TaskStreams(images, 3, seed=6)
+    assert not all(torch.equal(c.step()[0][0], s[0][0]) for s in seq_a[:1])
+
+
+def test_step_does_one_forward_and_one_backward(monkeypatch):
+    suite = toy_suite()
+    space = MergeSpace(suite.pretrained, task_vectors_local(suite.pretrained, suite.finetuned_list()))
+    ad = CoefficientAdapter(suite.model, space, [suite.heads[t] for t in suite.tasks])
+    calls = {"backward": 0, "forward": 0, "grad_hook": 0}
+    real_backward = torch.Tensor.backward
+
+    def counting_backward(self, *a, **k):
+        calls["backward"] += 1
+        return real_backward(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    handle = suite.model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    ad.raw.register_hook(lambda g: calls.__setitem__("grad_hook", calls["grad_hook"] + 1))
+    streams = TaskStreams([suite.unlabeled(t) for t in suite.tasks], 4)
+    for _ in range(3):
+        ad.step(streams.step(2))
+    handle.remove()
+    # Three steps: three encoder forwards (all tasks and both batches at once), three backwards,
+    # and λ's gradient arrives once per step (no per-task retained graphs).
+    assert calls == {"backward": 3, "forward": 3, "grad_hook": 3}
+
+
+def test_adamerging_lowers_entropy_and_accuracy_does_not_collapse(statedict_api):
+    from mergebook.methods.adamerging import adamerging
+
+    suite = toy_suite(n=48)
+    res = adamerging(suite, "layer", steps=40, lr=1e-2, batch_size=8, batches_per_step=1,
+                     eval_every=40, coef_every=5, progress=False, device="cpu")
+    h = res.history
+    assert len(h.entropy) == 40 and len(h.task_entropy[0]) == 3
+    first, last = sum(h.entropy[:5]) / 5, sum(h.entropy[-5:]) / 5
+    assert last < first
+    assert h.eval_steps == [0, 40]
+    assert h.accuracy[-1]["avg"] >= h.accuracy[0]["avg"] - 10.0
+    assert res.coefficients.shape == (len(res.keys), 3)
+    assert h.coefficient_steps == list(range(0, 41, 5))
+    assert torch.equal(h.coefficients[0], torch.full_like(h.coefficients[0], 0.3))
+    sd = res.state_dict()
+    assert set(sd) == set(suite.pretrained)
+
+
+def test_same_seed_gives_bit_identical_history(statedict_api):
+    from mergebook.methods.adamerging import adamerging
+
+    suite = toy_suite()
+    kw = dict(steps=6, lr=1e-2, batch_size=4, eval_every=3, coef_every=2, progress=False, device="cpu")
+    a = adamerging(suite, "layer", seed=1, **kw)
+    b = adamerging(suite, "layer", seed=1, **kw)
+    c = adamerging(suite, "layer", seed=2, **kw)
+    assert a.history.entropy == b.history.entropy
+    assert a.history.task_entropy == b.history.task_entropy
+    assert a.history.accuracy == b.history.accuracy
+    assert all(torch.equal(x, y) for x, y in zip(a.history.coefficients, b.history.coefficients))
+    assert torch.equal(a.coefficients, b.coefficients)
+    assert a.history.entropy != c.history.entropy
+
+
+def test_result_round_trips_through_json_and_safetensors(statedict_api, tmp_path):
+    from mergebook.methods.adamerging import adamerging
+
+    suite = toy_suite()
+    res = adamerging(suite, "task", steps=4, batch_size=4, eval_every=2, coef_every=1,
+                     progress=False, device="cpu")
+    jpath, tpath = res.save(tmp_path / "run", weights=True)
+    assert jpath.name == "run.json" and tpath.name == "run.safetensors"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    back = AdaptationResult.load(tmp_path / "run.json")
+    assert back.method == "task_wise_adamerging" and back.history.entropy == res.history.entropy
+    assert back.history.accuracy == res.history.accuracy
+    assert torch.equal(back.history.coefficient_tensor(), res.history.coefficient_tensor())
+    assert torch.equal(back.coefficients, res.coefficients)
+    for k, v in res.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    tpath.write_bytes(tpath.read_bytes()[:-8])  # a truncated tensor file is refused, not trusted
+    with pytest.raises(ValueError):
+        AdaptationResult.load(jpath)
+
+
+def test_adamerging_plus_plus_merges_ties_vectors(statedict_api, monkeypatch):
+    from mergebook.methods import adamerging as am
+
+    seen = {}
+
+    def fake_ties(task_vectors, k=0.2, keys=None):
+        seen["k"] = k
+        return [{n: 0.5 * v for n, v in tv.items()} for tv in task_vectors]
+
+    fake = types.ModuleType("mergebook.methods.ties")
+    fake.ties_task_vectors = fake_ties
+    monkeypatch.setitem(sys.modules, "mergebook.methods.ties", fake)
+    monkeypatch.setattr(sys.modules["mergebook.methods"], "ties", fake, raising=False)
+    suite = toy_suite()
+    space = am.adamerging_space(suite, plus_plus=True, device="cpu")
+    assert seen["k"] == 0.2
+    merged = space.merge(torch.ones(space.num_tasks))
+    k = "transformer.resblocks.0.mlp.c_fc.weight"
+    expected = suite.pretrained[k] + 0.5 * sum(suite.finetuned[t][k] - suite.pretrained[k] for t in suite.tasks)
+    assert torch.allclose(merged[k], expected, atol=1e-6)
+
+
+def test_cart_plus_plus_starts_at_cart_and_keeps_untruncated_tensors_at_the_average(monkeypatch):
+    from mergebook.methods import adamerging as am
+
+    def fake_cart(pretrained, finetuned, ratio=0.12, rank=None, reverse=False, centered=True):
+        keys = [k for k, v in pretrained.items() if v.is_floating_point()]
+        avg = {k: sum(ft[k] for ft in finetuned) / len(finetuned) for k in keys}
+        vecs = []
+        for ft in finetuned:
+            v = {}
+            for k in keys:
+                c = ft[k] - avg[k]
+                if k.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")):
+                    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+                    r = max(1, int(ratio * min(c.shape)))
+                    c = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+                v[k] = c
+            vecs.append(v)
+        return avg, vecs
+
+    fake = types.ModuleType("mergebook.methods.cart")
+    fake.cart_lowrank_vectors = fake_cart
+    monkeypatch.setitem(sys.modules, "mergebook.methods.cart", fake)
+    monkeypatch.setattr(sys.modules["mergebook.methods"], "cart", fake, raising=False)
+    suite = toy_suite()
+    space = am.cart_space(suite, ratio=0.25, device="cpu")
+    assert all(k.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight"))
+               for k in space.keys)
+    assert len(space.keys) == 4 * PICO.layers
+    avg, vecs = fake_cart(suite.pretrained, suite.finetuned_list(), ratio=0.25)
+    merged = space.merge(torch.full((space.num_tasks,), 2.0))
+    for k in suite.pretrained:
+        cart = avg[k] + 2.0 * sum(v[k] for v in vecs)  # CART with λ = 2: step 0 of CART++
+        assert torch.allclose(merged[k], cart, atol=1e-5), k
+    res = am.cart_plus_plus(suite, "layer", ratio=0.25, steps=3, batch_size=4, progress=False,
+                            device="cpu", eval_every=3)
+    assert res.coefficients.shape == (4 * PICO.layers, 3)
+    assert torch.equal(res.history.coefficients[0], torch.full((4 * PICO.layers, 3), 2.0))
