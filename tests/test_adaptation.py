@@ -244,6 +244,10 @@ def test_adamerging_lowers_entropy_and_accuracy_does_not_collapse(statedict_api)
     assert torch.equal(h.coefficients[0], torch.full_like(h.coefficients[0], 0.3))
     sd = res.state_dict()
     assert set(sd) == set(suite.pretrained)
+    # The reported final accuracy is that of the weights the result hands out.
+    from mergebook.evaluate import evaluate
+
+    assert evaluate(suite, sd) == res.accuracy == h.accuracy[-1]
 
 
 def test_same_seed_gives_bit_identical_history(statedict_api):

@@ -90,6 +90,10 @@ def test_concrete_task_arithmetic_trains_only_the_mask_and_is_deterministic(stat
     assert set(stats["per_tensor"]) == set(a.keys)
     assert set(stats["per_block"]) >= {"transformer.resblocks.0", "transformer.resblocks.1", "conv1"}
     assert 0.0 <= stats["overall"]["kept"] <= 1.0 and "sample_kept" in stats["overall"]
+    # How often a run evaluates changes neither training nor the mask it keeps.
+    rare = concrete_task_arithmetic(suite, seed=3, **{**kw, "eval_every": 100})
+    assert rare.history.entropy == a.history.entropy and rare.accuracy == a.accuracy
+    assert all(torch.equal(rare.state_dict()[k], v) for k, v in a.state_dict().items())
     # Evaluated with the soft sample by default; the hard mask is an option.
     hard = concrete_task_arithmetic(suite, seed=3, eval_mask="hard", **kw)
     assert hard.history.entropy == a.history.entropy
@@ -128,5 +132,7 @@ def test_concrete_adamerging_meta_learns_then_adapts(statedict_api):
     # The first step is the same either way (the previous λ' is the initial λ); later ones differ.
     assert reset.phases["meta"].extra["inner_entropy"][0] == meta.extra["inner_entropy"][0]
     assert reset.phases["meta"].extra["inner_entropy"] != meta.extra["inner_entropy"]
+    rare = concrete_adamerging(suite, "layer", seed=0, **{**kw, "eval_every": 100})
+    assert rare.history.entropy == res.history.entropy and rare.accuracy == res.accuracy
     tw = concrete_adamerging(suite, "task", seed=0, **kw)
     assert tw.coefficients.shape == (3,)

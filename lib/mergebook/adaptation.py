@@ -58,6 +58,7 @@ __all__ = [
     "adapt_coefficients",
     "clamp_coefficients",
     "entropy_objective",
+    "home_weights",
     "init_coefficients",
     "resolve_device",
 ]
@@ -304,11 +305,13 @@ class TaskStreams:
         n = self.images[task].shape[0]
         bs = min(self.batch_size, n)
         if self._pos[task] + bs > self._perm[task].numel():
-            self._perm[task] = torch.randperm(n, generator=self._gens[task])
+            # Drawn on the CPU generator (same stream on every device), moved once per epoch.
+            perm = torch.randperm(n, generator=self._gens[task])
+            self._perm[task] = perm.to(self.images[task].device)
             self._pos[task] = 0
         idx = self._perm[task][self._pos[task] : self._pos[task] + bs]
         self._pos[task] += bs
-        return self.images[task].index_select(0, idx.to(self.images[task].device))
+        return self.images[task].index_select(0, idx)
 
     def step(self, batches_per_step: int = 1) -> list[list[torch.Tensor]]:
         """``batches_per_step`` batches of every task, task by task."""
@@ -558,22 +561,15 @@ class AdaptationResult:
     mask_logits: StateDict | None = None  # Concrete: one logit per element, shared by tasks
     mask_stats: dict[str, Any] | None = None
     seconds: float = 0.0
-    _space: MergeSpace | None = field(default=None, repr=False, compare=False)
-    _scales: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # The final merged weights, on the device of the suite's pretrained weights. Only these are
+    # kept, not the (K + 1)-model MergeSpace, so finished results do not pin device memory.
     _weights: StateDict | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> StateDict:
-        """The merged weights (detached): θ_base + s ⊙ Σ_k λ_k v_k with the final λ and mask."""
-        if self._space is not None:
-            with torch.no_grad():
-                sd = self._space.merge(self.coefficients.to(self._space.device), self._scales)
-            return {k: v.detach().clone() for k, v in sd.items()}
-        if self._weights is not None:
-            return dict(self._weights)
-        raise RuntimeError(
-            "this result was loaded without weights; save it with save(path, weights=True), "
-            "or rebuild the merge from its coefficients and mask"
-        )
+        """The merged weights: θ_base + s ⊙ Σ_k λ_k v_k with the final λ (and frozen mask)."""
+        if self._weights is None:
+            raise RuntimeError("this result was saved without weights; use save(path, weights=True)")
+        return {k: v.clone() for k, v in self._weights.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (tensors excluded: see :meth:`save`)."""
@@ -734,9 +730,14 @@ def adapt_coefficients(
         coefficients=adapter.coefficients().cpu(), history=history,
         config=dict(config or {}),
         accuracy=dict(history.accuracy[-1]) if history.accuracy else {},
-        seconds=time.perf_counter() - t0, _space=space,
-        _scales=None if scales is None else [s.detach() for s in scales],
+        seconds=time.perf_counter() - t0, _weights=home_weights(suite, adapter.state_dict()),
     )
+
+
+def home_weights(suite: Suite, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Detached copies on the device of the suite's own weights (where ``evaluate`` expects them)."""
+    home = next(iter(suite.pretrained.values())).device
+    return {k: v.detach().to(home, copy=True) for k, v in state_dict.items()}
 
 
 def block_of(key: str) -> str:

@@ -35,6 +35,7 @@ from ..adaptation import (
     clamp_coefficients,
     derived_generator,
     entropy_objective,
+    home_weights,
     init_coefficients,
     resolve_device,
     suite_on,
@@ -187,13 +188,18 @@ def concrete_task_arithmetic(
         # λ is fixed, so Σ_k λ τ_k is computed once; each step only rescales it by the new mask.
         deltas = space.deltas(lam)
 
-    def eval_scales() -> list[torch.Tensor]:
+    # The kept mask has its own stream, so it does not depend on how often the run evaluated.
+    final_gen = derived_generator(seed, "concrete/final", dev)
+    drawn: list[list[torch.Tensor]] = []
+
+    def eval_weights(final: bool = False) -> StateDict:
         with torch.no_grad():
-            return mask.scales(mask.sample(eval_gen, eval_mask))
+            drawn[:] = [mask.sample(final_gen if final else eval_gen, eval_mask)]
+            return space.assemble(deltas, mask.scales(drawn[0]))
 
     rec = Recorder(suite, steps, coef_every=coef_every, eval_every=eval_every, progress=progress,
                    desc="concrete_task_arithmetic", eval_suite=suite_on(suite, dev))
-    rec.snapshot(0, None, lambda: space.assemble(deltas, eval_scales()))
+    rec.snapshot(0, None, lambda: eval_weights(final=steps == 0))
     for step in range(1, steps + 1):
         scales = mask.scales(mask.sample(train_gen))
         params = space.assemble(deltas, scales)
@@ -205,12 +211,13 @@ def concrete_task_arithmetic(
         loss.backward()
         optimizer.step()
         rec.log(loss, per_task, kept=_kept_fraction(mask))
-        rec.snapshot(step, None, lambda: space.assemble(deltas, eval_scales()))
+        rec.snapshot(step, None, lambda: eval_weights(final=step == steps))
     history = rec.close()
-
+    # The last snapshot (always taken at the final step) drew the mask the result keeps, so the
+    # final accuracy in the history is that of result.state_dict().
+    final_sample = drawn[0]
     with torch.no_grad():
-        final_sample = mask.sample(eval_gen, eval_mask)
-    final_scales = mask.scales(final_sample)
+        final = space.assemble(deltas, mask.scales(final_sample))
     config = dict(
         steps=steps, lr=lr, betas=betas, scaling=scaling, temperature=temperature,
         init_logits=init_logits, batch_size=batch_size, batches_per_step=batches_per_step,
@@ -222,12 +229,9 @@ def concrete_task_arithmetic(
         granularity="none", coefficients=lam.cpu(), history=history, config=config,
         mask_logits=mask.named_logits(),
         mask_stats=mask_statistics(mask.named_logits(), space.ungroup(final_sample)),
-        _space=space, _scales=final_scales,
+        accuracy=dict(history.accuracy[-1]), seconds=time.perf_counter() - t0,
+        _weights=home_weights(suite, final),
     )
-    from ..evaluate import evaluate
-
-    result.accuracy = evaluate(suite_on(suite, dev), result.state_dict())
-    result.seconds = time.perf_counter() - t0
     return result
 
 
@@ -323,9 +327,10 @@ def concrete_adamerging(
         rec.snapshot(step, current, eval_weights)
     meta_history = rec.close()
 
-    # Alg. 3: freeze one sample of the learned mask, reset λ, run AdaMerging with it.
+    # Alg. 3: freeze one sample of the learned mask, reset λ, run AdaMerging with it. Its own
+    # stream, so the frozen mask does not depend on how often the meta phase evaluated.
     with torch.no_grad():
-        frozen = mask.sample(eval_gen, eval_mask)
+        frozen = mask.sample(derived_generator(seed, "concrete/final", dev), eval_mask)
     frozen_scales = mask.scales(frozen)
     config = dict(
         granularity=granularity, meta_steps=meta_steps, tta_steps=tta_steps, inner_lr=inner_lr,
