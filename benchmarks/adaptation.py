@@ -65,13 +65,14 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def bench(name: str, cfg: ViTConfig, device: torch.device, autocast: torch.dtype | None,
-          tasks: int, batch: int, classes: int, warmup: int, iters: int) -> dict[str, float | str]:
+          tasks: int, batch: int, classes: int, warmup: int, iters: int,
+          vector_dtype: torch.dtype | None = None) -> dict[str, float | str]:
     """Median ms of one layer-wise AdaMerging step and of the floor, plus peak memory."""
     torch.manual_seed(0)
     model = VisionTransformer(cfg).to(device).requires_grad_(False)
     pre = {k: v.detach() for k, v in model.state_dict().items()}
     vectors = [{k: 1e-2 * torch.randn_like(v) for k, v in pre.items()} for _ in range(tasks)]
-    space = MergeSpace(pre, vectors, device=device)
+    space = MergeSpace(pre, vectors, device=device, vector_dtype=vector_dtype)
     del vectors  # the space holds the one stacked copy
     heads = [100 * torch.nn.functional.normalize(torch.randn(classes, cfg.output_dim, device=device), dim=-1)
              for _ in range(tasks)]
@@ -100,7 +101,8 @@ def bench(name: str, cfg: ViTConfig, device: torch.device, autocast: torch.dtype
     step_peak = _peak_mb(device)
     merge_ms = _median_ms(merge_only, device, warmup, iters)
     return {
-        "model": name, "precision": "bf16-autocast" if autocast else "fp32",
+        "model": name,
+        "precision": ("bf16-autocast" if autocast else "fp32") + ("/bf16-tv" if vector_dtype else ""),
         "layers_L": space.num_layers, "groups": len(space.groups),
         "params_M": sum(v.numel() for v in pre.values()) / 1e6,
         "step_ms": step_ms, "floor_ms": floor_ms, "ratio": step_ms / floor_ms, "merge_ms": merge_ms,
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast runs on CUDA")
+    ap.add_argument("--bf16-vectors", action="store_true",
+                    help="store the stacked task vectors in bf16 (MergeSpace(vector_dtype=...))")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -136,14 +140,14 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.iters} after {args.warmup} warm-up", flush=True)
     mem = "peak MiB (CUDA max_memory_allocated)" if device.type == "cuda" else "peak RSS MiB (ru_maxrss, process-wide)"
     print(f"# memory: {mem}")
-    header = f"{'model':6} {'precision':14} {'L':>4} {'groups':>6} {'params':>8} {'step ms':>9} " \
+    header = f"{'model':6} {'precision':22} {'L':>4} {'groups':>6} {'params':>8} {'step ms':>9} " \
              f"{'floor ms':>9} {'ratio':>6} {'merge ms':>9} {'floor mem':>10} {'step mem':>10}"
     print(header)
     for name in names:
         for ac in precisions:
             r = bench(name, MODELS[name], device, ac, args.tasks, args.batch, args.classes,
-                      args.warmup, args.iters)
-            print(f"{r['model']:6} {r['precision']:14} {r['layers_L']:>4} {r['groups']:>6} "
+                      args.warmup, args.iters, torch.bfloat16 if args.bf16_vectors else None)
+            print(f"{r['model']:6} {r['precision']:22} {r['layers_L']:>4} {r['groups']:>6} "
                   f"{r['params_M']:>7.2f}M {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} "
                   f"{r['ratio']:>6.2f} {r['merge_ms']:>9.2f} {r['floor_peak_MiB']:>10.0f} "
                   f"{r['step_peak_MiB']:>10.0f}", flush=True)

@@ -346,3 +346,17 @@ def test_cart_plus_plus_starts_at_cart_and_keeps_untruncated_tensors_at_the_aver
                             device="cpu", eval_every=3)
     assert res.coefficients.shape == (4 * PICO.layers, 3)
     assert torch.equal(res.history.coefficients[0], torch.full((4 * PICO.layers, 3), 2.0))
+
+
+def test_low_precision_vectors_keep_the_base_precision_and_stay_close():
+    suite = toy_suite()
+    vecs = task_vectors_local(suite.pretrained, suite.finetuned_list())
+    full = MergeSpace(suite.pretrained, vecs)
+    half = MergeSpace(suite.pretrained, vecs, vector_dtype=torch.bfloat16)
+    lam = torch.full((full.num_tasks,), 0.3, requires_grad=True)
+    a, b = full.merge(lam), half.merge(lam)
+    for k in a:
+        assert b[k].dtype == torch.float32
+        assert torch.allclose(a[k], b[k], atol=1e-3), k
+    (g,) = torch.autograd.grad(sum(v.sum() for v in b.values()), lam)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()

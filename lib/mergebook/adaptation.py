@@ -103,6 +103,7 @@ class MergeSpace:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        vector_dtype: torch.dtype | None = None,
     ):
         if not vectors:
             raise ValueError("MergeSpace needs at least one vector")
@@ -136,7 +137,9 @@ class MergeSpace:
             n = math.prod(shape)
             gkeys = [self.keys[i] for i in idx]
             b = torch.empty((len(idx), n), device=dev, dtype=dt)
-            vec = torch.empty((len(idx), self.num_tasks, n), device=dev, dtype=dt)
+            # vector_dtype=torch.bfloat16 halves the K-fold part of the memory (ViT-L/14 x 8 tasks:
+            # 9.7 GB in fp32); θ_base stays in its own precision.
+            vec = torch.empty((len(idx), self.num_tasks, n), device=dev, dtype=vector_dtype or dt)
             # Copy slice by slice: the peak is the stacked block, never a second full copy.
             for g, k in enumerate(gkeys):
                 b[g].copy_(base[k].reshape(-1))
@@ -163,9 +166,10 @@ class MergeSpace:
 
     def deltas(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
         """Σ_k λ_{l,k} v_{k,l} for every group ([G, n] each), differentiable in λ."""
-        lam = self.coefficient_matrix(coefficients).to(self.dtype)
+        lam = self.coefficient_matrix(coefficients)
         # [G, 1, K] @ [G, K, n]: one batched matmul per shape group, no [K, n] temporaries.
-        return [torch.bmm(lam.index_select(0, g.layer_index).unsqueeze(1), g.vectors).squeeze(1)
+        return [torch.bmm(lam.index_select(0, g.layer_index).unsqueeze(1).to(g.vectors.dtype),
+                          g.vectors).squeeze(1).to(g.base.dtype)
                 for g in self.groups]
 
     def assemble(
