@@ -117,10 +117,6 @@ class MergeSpace:
             for k in self.keys:
                 if k not in v:
                     raise KeyError(f"vector {i} lacks key {k!r}")
-                if tuple(v[k].shape) != tuple(base[k].shape):
-                    raise ValueError(
-                        f"vector {i}[{k!r}] has shape {tuple(v[k].shape)}, base has {tuple(base[k].shape)}"
-                    )
         dev = torch.device(device) if device is not None else next(iter(base.values())).device
         self.device = dev
         self.passthrough: StateDict = {k: v.to(dev) for k, v in base.items() if k not in wanted}
@@ -140,11 +136,15 @@ class MergeSpace:
             # vector_dtype=torch.bfloat16 halves the K-fold part of the memory (ViT-L/14 x 8 tasks:
             # 9.7 GB in fp32); θ_base stays in its own precision.
             vec = torch.empty((len(idx), self.num_tasks, n), device=dev, dtype=vector_dtype or dt)
-            # Copy slice by slice: the peak is the stacked block, never a second full copy.
+            # Copy key by key: with lazy vectors (statedict.TaskVectorView) the peak is the stacked
+            # block plus one tensor, never K full task vectors.
             for g, k in enumerate(gkeys):
                 b[g].copy_(base[k].reshape(-1))
                 for t, v in enumerate(vectors):
-                    vec[g, t].copy_(v[k].reshape(-1))
+                    x = v[k]
+                    if tuple(x.shape) != shape:
+                        raise ValueError(f"vector {t}[{k!r}] has shape {tuple(x.shape)}, base has {shape}")
+                    vec[g, t].copy_(x.reshape(-1))
             self.groups.append(
                 _Group(gkeys, shape, torch.tensor(idx, device=dev, dtype=torch.long), b, vec)
             )

@@ -28,7 +28,14 @@ from ..adaptation import (
 )
 from ..models.suite import Suite
 
-__all__ = ["adamerging", "adamerging_space", "cart_plus_plus", "cart_space", "entropy_objective"]
+__all__ = [
+    "adamerging",
+    "adamerging_space",
+    "cart_plus_plus",
+    "cart_space",
+    "entropy_objective",
+    "lazy_task_vectors",
+]
 
 
 def adamerging_space(
@@ -40,15 +47,28 @@ def adamerging_space(
     device: str | torch.device | None = "auto",
 ) -> MergeSpace:
     """θ_pre and the K vectors T_k (or Φ(T_k) for ++) of AdaMerging §3.2.1, stacked for merging."""
-    from ..statedict import task_vectors
-
-    vectors = task_vectors(suite.pretrained, suite.finetuned_list(), keys=keys)
     if plus_plus:
+        from ..statedict import task_vectors
         from .ties import ties_task_vectors
 
         # Φ(T_k): global top-k% trim, elected sign, only agreeing entries kept (Ties, "sum").
-        vectors = ties_task_vectors(vectors, k=ties_k, keys=keys)
+        vectors = ties_task_vectors(task_vectors(suite.pretrained, suite.finetuned_list(), keys=keys),
+                                    k=ties_k, keys=keys)
+    else:
+        vectors = lazy_task_vectors(suite, keys)
     return MergeSpace(suite.pretrained, vectors, device=resolve_device(device))
+
+
+def lazy_task_vectors(suite: Suite, keys: Sequence[str] | None = None) -> list[Mapping[str, torch.Tensor]]:
+    """τ_k = θ_k − θ_pre (AdaMerging §3.1) as views computed key by key (no K full copies)."""
+    from .. import statedict
+
+    finetuned = suite.finetuned_list()
+    view = getattr(statedict, "TaskVectorView", None)
+    if view is None:
+        return statedict.task_vectors(suite.pretrained, finetuned, keys=keys)
+    statedict.check_compatible(suite.pretrained, finetuned)
+    return [view(ft, suite.pretrained, keys) for ft in finetuned]
 
 
 def adamerging(

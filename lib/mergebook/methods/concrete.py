@@ -145,11 +145,9 @@ def _kept_fraction(mask: ConcreteMask) -> torch.Tensor:
 
 
 def _task_vector_space(suite: Suite, keys: Sequence[str] | None, device: torch.device) -> MergeSpace:
-    from ..statedict import task_vectors
+    from .adamerging import lazy_task_vectors
 
-    return MergeSpace(
-        suite.pretrained, task_vectors(suite.pretrained, suite.finetuned_list(), keys=keys), device=device
-    )
+    return MergeSpace(suite.pretrained, lazy_task_vectors(suite, keys), device=device)
 
 
 def concrete_task_arithmetic(
