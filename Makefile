@@ -1,0 +1,44 @@
+# Merging, Reproduced: `make book` and `make test` each set up everything they need.
+#
+#   make book                      execute every chapter (profile tiny) and build _build/html
+#   PROFILE=vit-b-32 make book     the same with a paper profile (GPU and internet)
+#   make book BOOKFLAGS="--only 01_task_arithmetic -p seed=1"   one chapter, other parameters
+#   make test                      pytest -q (PYTEST_ARGS="-m 'not slow'" to skip the slow ones)
+#   make clean                     remove _build/ (keeps .venv and the cache .cache/mergebook/)
+#   make distclean                 also remove .venv
+#
+# The virtual environment is .venv; it is (re)installed when pyproject.toml changes, which a stamp
+# file named after pyproject's hash records. torch is pinned in pyproject (a CPU wheel here), and
+# it is installed in the same pip command as everything else, so nothing can pull another torch.
+
+PYTHON ?= python3
+PROFILE ?= tiny
+BOOKFLAGS ?=
+PYTEST_ARGS ?=
+
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest()[:16])")
+STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
+
+.PHONY: book test venv clean distclean
+
+book: $(STAMP)
+	PROFILE=$(PROFILE) $(VPY) scripts/build_book.py --profile $(PROFILE) $(BOOKFLAGS)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(VPY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	$(VPY) -m pip install --disable-pip-version-check -q -e '.[book,test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+clean:
+	rm -rf _build
+
+distclean: clean
+	rm -rf $(VENV)
