@@ -30,6 +30,8 @@ Parameters: ``notebooks/params/<profile>.yaml`` is a flat mapping of keys shared
 (``profile``, ``device``, ``seed``, ...). A chapter receives only the keys that its own
 ``parameters`` cell defines, so papermill never warns about unknown parameters; ``-p key=value``
 overrides (YAML-parsed, so ``-p lambdas=[0.2,0.3]`` is a list) go the same way.
+Progress bars are switched off in the kernels (``TQDM_DISABLE=1`` unless already set): in a static
+page they are noise.
 The execution-time page (``book/execution_times.md``) is written into the stage from papermill's
 metadata just before Sphinx runs.
 """
@@ -514,6 +516,9 @@ def _build(args: argparse.Namespace) -> int:
             if not any(key in d for d in defined.values()):
                 raise BuildError(f"-p {key}=...: no selected chapter has a parameter {key!r}")
         kernel = ensure_kernel()
+        # Progress bars mean nothing in a static page; the kernels inherit this (set it to 0 to
+        # keep them). tqdm >= 4.66 reads TQDM_* variables as defaults.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         if not args.only:  # a full build starts from a clean stage: no leftovers of older runs
             shutil.rmtree(stage / NOTEBOOK_DIR, ignore_errors=True)
         for name in selected:
