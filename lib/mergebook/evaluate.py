@@ -44,7 +44,8 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy in percent of one task's test set."""
     logits = predict(model, state_dict, head, data.images)
-    return 100.0 * (logits.argmax(-1) == data.labels).float().mean().item()
+    # test data may live on the CPU while the weights sit on a GPU (paper-scale test sets)
+    return 100.0 * (logits.argmax(-1).cpu() == data.labels.cpu()).float().mean().item()
 
 
 def evaluate(

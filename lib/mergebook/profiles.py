@@ -61,17 +61,20 @@ def get_profile(name: str) -> Profile:
         ) from None
 
 
-def load_suite(profile: str, *, device: str = "auto", progress: bool = True, with_mtl: bool = False):
-    """Build the Suite of a profile (offline for ``tiny``; hub downloads for the CLIP profiles)."""
+def load_suite(profile: str, *, device: str = "auto", progress: bool = True, with_mtl: bool = False, **backend_kw):
+    """Build the Suite of a profile (offline for ``tiny``; hub downloads for the CLIP profiles).
+
+    ``backend_kw`` go to the backend (for ``clip_hf``: ``n_test``, ``cache_dir``, ...).
+    """
     p = get_profile(profile)
     if p.backend == "tiny":
         from .models.tiny import load_suite as tiny_suite
 
-        suite = tiny_suite(progress=progress, with_mtl=with_mtl)
+        suite = tiny_suite(progress=progress, with_mtl=with_mtl, **backend_kw)
     else:
         from .models.clip_hf import load_suite as hf_suite
 
-        suite = hf_suite(p, device=resolve_device(device), progress=progress)
+        suite = hf_suite(p, device=resolve_device(device), progress=progress, **backend_kw)
     return suite
 
 
