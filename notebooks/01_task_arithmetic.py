@@ -244,11 +244,14 @@ table = pd.DataFrame(rows).T[tasks + ["avg"]]
 
 paper1 = paper_table_wide("adamerging", "1")
 paper_avg = [c for c in paper1.columns if c.lower().startswith("avg")][0]
+cart1 = paper_table_wide("cart", "1")
 
 
 def reported(row: str) -> float:
-    """The paper's ViT-B/32 average for the method family of ``row``."""
-    for key, paper_row in [("Pretrained", "Pretrained"), ("Individual", "Individual"),
+    """The paper's ViT-B/32 average for the method family of ``row`` (AdaMerging Table 1; CART Table 1 for pretrained)."""
+    if row == "Pretrained":
+        return float(cart1.loc["Pretrained", "Average"])
+    for key, paper_row in [("Individual", "Individual"),
                            ("Traditional MTL", "Traditional MTL"), ("Weight Averaging", "Weight Averaging"),
                            ("Fisher", "Fisher Merging"), ("RegMean", "RegMean"),
                            ("Task Arithmetic", "Task Arithmetic"), ("Ties-Merging (sum)", "Ties-Merging")]:
