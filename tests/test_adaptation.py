@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 
 import pytest
 import torch
@@ -68,31 +65,6 @@ def task_vectors_local(pre, finetuned):
     return [{k: ft[k] - v for k, v in pre.items() if v.is_floating_point()} for ft in finetuned]
 
 
-def _stand_in_statedict() -> types.ModuleType:
-    m = types.ModuleType("mergebook.statedict")
-
-    def task_vectors(pretrained, finetuned, keys=None):
-        keys = list(keys) if keys is not None else [k for k, v in pretrained.items() if v.is_floating_point()]
-        return [{k: ft[k] - pretrained[k] for k in keys} for ft in finetuned]
-
-    m.task_vectors = task_vectors
-    m.float_keys = lambda sd: [k for k, v in sd.items() if v.is_floating_point()]
-    return m
-
-
-@pytest.fixture
-def statedict_api(monkeypatch):
-    """The real mergebook.statedict if it has landed, else a small stand-in for these tests only."""
-    try:
-        mod = importlib.import_module("mergebook.statedict")
-        if not hasattr(mod, "task_vectors"):
-            raise ImportError
-    except ImportError:
-        mod = _stand_in_statedict()
-        monkeypatch.setitem(sys.modules, "mergebook.statedict", mod)
-    return mod
-
-
 def merged_loss(suite: Suite, space: MergeSpace, coefs: torch.Tensor, batches) -> torch.Tensor:
     params = space.merge(coefs)
     heads = [suite.heads[t] for t in suite.tasks]
@@ -130,16 +102,31 @@ def test_coefficient_gradient_matches_finite_differences():
 
 
 def test_layer_wise_with_equal_coefficients_reproduces_task_arithmetic():
+    from mergebook.methods import merge
+
     suite = toy_suite()
     vecs = task_vectors_local(suite.pretrained, suite.finetuned_list())
     space = MergeSpace(suite.pretrained, vecs)
     layer = space.merge(torch.full((space.num_layers, space.num_tasks), 0.3))
     task = space.merge(torch.full((space.num_tasks,), 0.3))
+    ta = merge("task_arithmetic", suite.pretrained, suite.finetuned_list(), scaling_coef=0.3)
     for k, v in suite.pretrained.items():
-        ta = v + 0.3 * sum(t[k] for t in vecs)
         assert layer[k].shape == v.shape
-        assert torch.allclose(layer[k], ta, atol=1e-6), k
+        assert torch.allclose(layer[k], v + 0.3 * sum(t[k] for t in vecs), atol=1e-6), k
+        assert torch.allclose(layer[k], ta[k], atol=1e-6), k
         assert torch.equal(layer[k], task[k]), k
+
+
+def test_merge_agrees_with_the_registry_layer_wise_merge_for_any_coefficients():
+    from mergebook.methods import merge
+
+    suite = toy_suite()
+    space = MergeSpace(suite.pretrained, task_vectors_local(suite.pretrained, suite.finetuned_list()))
+    lam = torch.rand(space.num_layers, space.num_tasks, generator=torch.Generator().manual_seed(0))
+    ours = space.merge(lam)
+    ref = merge("layer_wise", suite.pretrained, suite.finetuned_list(), coefficients=lam, clamp=False)
+    for k in suite.pretrained:
+        assert torch.allclose(ours[k], ref[k], atol=1e-6), k
 
 
 def test_merge_space_groups_tensors_by_shape_and_keeps_state_dict_order():
@@ -227,7 +214,7 @@ def test_step_does_one_forward_and_one_backward(monkeypatch):
     assert calls == {"backward": 3, "forward": 3, "grad_hook": 3}
 
 
-def test_adamerging_lowers_entropy_and_accuracy_does_not_collapse(statedict_api):
+def test_adamerging_lowers_entropy_and_accuracy_does_not_collapse():
     from mergebook.methods.adamerging import adamerging
 
     suite = toy_suite(n=48)
@@ -250,7 +237,7 @@ def test_adamerging_lowers_entropy_and_accuracy_does_not_collapse(statedict_api)
     assert evaluate(suite, sd) == res.accuracy == h.accuracy[-1]
 
 
-def test_same_seed_gives_bit_identical_history(statedict_api):
+def test_same_seed_gives_bit_identical_history():
     from mergebook.methods.adamerging import adamerging
 
     suite = toy_suite()
@@ -266,7 +253,7 @@ def test_same_seed_gives_bit_identical_history(statedict_api):
     assert a.history.entropy != c.history.entropy
 
 
-def test_result_round_trips_through_json_and_safetensors(statedict_api, tmp_path):
+def test_result_round_trips_through_json_and_safetensors(tmp_path):
     from mergebook.methods.adamerging import adamerging
 
     suite = toy_suite()
@@ -287,61 +274,38 @@ def test_result_round_trips_through_json_and_safetensors(statedict_api, tmp_path
         AdaptationResult.load(jpath)
 
 
-def test_adamerging_plus_plus_merges_ties_vectors(statedict_api, monkeypatch):
-    from mergebook.methods import adamerging as am
+def test_adamerging_plus_plus_with_equal_coefficients_is_ties_merging():
+    from mergebook.methods import merge
+    from mergebook.methods.adamerging import adamerging_space
 
-    seen = {}
-
-    def fake_ties(task_vectors, k=0.2, keys=None):
-        seen["k"] = k
-        return [{n: 0.5 * v for n, v in tv.items()} for tv in task_vectors]
-
-    fake = types.ModuleType("mergebook.methods.ties")
-    fake.ties_task_vectors = fake_ties
-    monkeypatch.setitem(sys.modules, "mergebook.methods.ties", fake)
-    monkeypatch.setattr(sys.modules["mergebook.methods"], "ties", fake, raising=False)
     suite = toy_suite()
-    space = am.adamerging_space(suite, plus_plus=True, device="cpu")
-    assert seen["k"] == 0.2
-    merged = space.merge(torch.ones(space.num_tasks))
-    k = "transformer.resblocks.0.mlp.c_fc.weight"
-    expected = suite.pretrained[k] + 0.5 * sum(suite.finetuned[t][k] - suite.pretrained[k] for t in suite.tasks)
-    assert torch.allclose(merged[k], expected, atol=1e-6)
+    space = adamerging_space(suite, plus_plus=True, device="cpu")
+    ours = space.merge(torch.full((space.num_tasks,), 0.3))
+    ties = merge("ties", suite.pretrained, suite.finetuned_list(), k=0.2, scaling_coef=0.3, disjoint="sum")
+    for k in suite.pretrained:
+        assert torch.allclose(ours[k], ties[k], atol=1e-6), k
+    # And the Φ(T_k) really are trimmed: about 20% of each task's entries survive, fewer after sign election.
+    kept = sum((g.vectors != 0).sum().item() for g in space.groups) / sum(g.vectors.numel() for g in space.groups)
+    assert 0.05 < kept <= 0.2 + 1e-6
 
 
-def test_cart_plus_plus_starts_at_cart_and_keeps_untruncated_tensors_at_the_average(monkeypatch):
+def test_cart_plus_plus_starts_at_cart_and_keeps_untruncated_tensors_at_the_average():
+    from mergebook.methods import merge
     from mergebook.methods import adamerging as am
 
-    def fake_cart(pretrained, finetuned, ratio=0.12, rank=None, reverse=False, centered=True):
-        keys = [k for k, v in pretrained.items() if v.is_floating_point()]
-        avg = {k: sum(ft[k] for ft in finetuned) / len(finetuned) for k in keys}
-        vecs = []
-        for ft in finetuned:
-            v = {}
-            for k in keys:
-                c = ft[k] - avg[k]
-                if k.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")):
-                    u, s, vh = torch.linalg.svd(c, full_matrices=False)
-                    r = max(1, int(ratio * min(c.shape)))
-                    c = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
-                v[k] = c
-            vecs.append(v)
-        return avg, vecs
-
-    fake = types.ModuleType("mergebook.methods.cart")
-    fake.cart_lowrank_vectors = fake_cart
-    monkeypatch.setitem(sys.modules, "mergebook.methods.cart", fake)
-    monkeypatch.setattr(sys.modules["mergebook.methods"], "cart", fake, raising=False)
     suite = toy_suite()
     space = am.cart_space(suite, ratio=0.25, device="cpu")
-    assert all(k.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight"))
-               for k in space.keys)
-    assert len(space.keys) == 4 * PICO.layers
-    avg, vecs = fake_cart(suite.pretrained, suite.finetuned_list(), ratio=0.25)
+    suffixes = ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")
+    assert all(k.endswith(suffixes) for k in space.keys) and len(space.keys) == 4 * PICO.layers
     merged = space.merge(torch.full((space.num_tasks,), 2.0))
+    cart = merge("cart", suite.pretrained, suite.finetuned_list(), scaling_coef=2.0, ratio=0.25)
     for k in suite.pretrained:
-        cart = avg[k] + 2.0 * sum(v[k] for v in vecs)  # CART with λ = 2: step 0 of CART++
-        assert torch.allclose(merged[k], cart, atol=1e-5), k
+        assert torch.allclose(merged[k], cart[k], atol=1e-5), k  # step 0 of CART++ is CART
+    # Any coefficients leave the untruncated tensors (biases, norms, embeddings) at θ_avg.
+    other = space.merge(torch.rand(space.num_layers, space.num_tasks))
+    k = "transformer.resblocks.0.ln_1.weight"
+    avg = sum(ft[k] for ft in suite.finetuned_list()) / len(suite.tasks)
+    assert torch.allclose(other[k], avg, atol=1e-6)
     res = am.cart_plus_plus(suite, "layer", ratio=0.25, steps=3, batch_size=4, progress=False,
                             device="cpu", eval_every=3)
     assert res.coefficients.shape == (4 * PICO.layers, 3)

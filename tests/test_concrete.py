@@ -16,7 +16,6 @@ from mergebook.methods.concrete import (
 )
 from tests.test_adaptation import (  # noqa: F401 (fixtures are used by name)
     single_thread,
-    statedict_api,
     task_vectors_local,
     toy_suite,
 )
@@ -75,7 +74,7 @@ def test_all_ones_mask_concrete_merge_equals_task_arithmetic():
         assert torch.allclose(merged[k], v + 0.3 * sum(t[k] for t in vecs), atol=1e-6), k
 
 
-def test_concrete_task_arithmetic_trains_only_the_mask_and_is_deterministic(statedict_api):
+def test_concrete_task_arithmetic_trains_only_the_mask_and_is_deterministic():
     suite = toy_suite()
     kw = dict(steps=5, lr=1e-2, batch_size=4, eval_every=5, coef_every=1, progress=False, device="cpu")
     a = concrete_task_arithmetic(suite, seed=3, **kw)
@@ -90,6 +89,11 @@ def test_concrete_task_arithmetic_trains_only_the_mask_and_is_deterministic(stat
     assert set(stats["per_tensor"]) == set(a.keys)
     assert set(stats["per_block"]) >= {"transformer.resblocks.0", "transformer.resblocks.1", "conv1"}
     assert 0.0 <= stats["overall"]["kept"] <= 1.0 and "sample_kept" in stats["overall"]
+    # The result's weights are Concrete TA (Alg. 2) with the kept sample, as the registry merges it.
+    from mergebook.methods import merge
+
+    ref = merge("concrete", suite.pretrained, suite.finetuned_list(), mask=a.mask_sample, scaling_coef=0.3)
+    assert all(torch.allclose(a.state_dict()[k], ref[k], atol=1e-6) for k in ref)
     # How often a run evaluates changes neither training nor the mask it keeps.
     rare = concrete_task_arithmetic(suite, seed=3, **{**kw, "eval_every": 100})
     assert rare.history.entropy == a.history.entropy and rare.accuracy == a.accuracy
@@ -114,7 +118,7 @@ def test_mask_statistics_by_tensor_and_block():
     assert abs(s["overall"]["kept"] - 4 / 7) < 1e-12
 
 
-def test_concrete_adamerging_meta_learns_then_adapts(statedict_api):
+def test_concrete_adamerging_meta_learns_then_adapts():
     suite = toy_suite()
     kw = dict(meta_steps=4, tta_steps=3, batch_size=4, eval_every=2, coef_every=1, progress=False,
               device="cpu")

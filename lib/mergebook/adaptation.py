@@ -563,6 +563,7 @@ class AdaptationResult:
     phases: dict[str, History] = field(default_factory=dict)  # earlier phases, e.g. {"meta": ...}
     accuracy: dict[str, float] = field(default_factory=dict)  # final, on the labelled test set
     mask_logits: StateDict | None = None  # Concrete: one logit per element, shared by tasks
+    mask_sample: StateDict | None = None  # Concrete: the frozen sample in the final weights
     mask_stats: dict[str, Any] | None = None
     seconds: float = 0.0
     # The final merged weights, on the device of the suite's pretrained weights. Only these are
@@ -597,8 +598,10 @@ class AdaptationResult:
         for name, h in [("history", self.history), *[(f"phases/{k}", h) for k, h in self.phases.items()]]:
             if h.coefficients:
                 out[f"{name}/coefficients"] = h.coefficient_tensor()
-        if self.mask_logits is not None:
-            out.update({f"mask_logits/{k}": v.detach().cpu() for k, v in self.mask_logits.items()})
+        for name in ("mask_logits", "mask_sample"):
+            named = getattr(self, name)
+            if named is not None:
+                out.update({f"{name}/{k}": v.detach().cpu() for k, v in named.items()})
         if weights:
             out.update({f"weights/{k}": v.detach().cpu() for k, v in self.state_dict().items()})
         return {k: v.contiguous() for k, v in out.items()}
@@ -633,8 +636,10 @@ class AdaptationResult:
         if _sha256(tpath) != record["tensor_sha256"]:
             raise ValueError(f"{tpath} does not match the checksum recorded in {jpath}")
         t = load_file(str(tpath))
-        mask = {k[len("mask_logits/"):]: v for k, v in t.items() if k.startswith("mask_logits/")}
-        weights = {k[len("weights/"):]: v for k, v in t.items() if k.startswith("weights/")}
+        def section(prefix: str) -> StateDict | None:
+            out = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+            return out or None
+
         return cls(
             method=record["method"], tasks=record["tasks"], keys=record["keys"],
             granularity=record["granularity"], coefficients=t["coefficients"],
@@ -642,8 +647,9 @@ class AdaptationResult:
             config=record["config"],
             phases={k: History.from_dict(h, t.get(f"phases/{k}/coefficients"))
                     for k, h in record["phases"].items()},
-            accuracy=record["accuracy"], mask_logits=mask or None,
-            mask_stats=record["mask_stats"], seconds=record["seconds"], _weights=weights or None,
+            accuracy=record["accuracy"], mask_logits=section("mask_logits/"),
+            mask_sample=section("mask_sample/"), mask_stats=record["mask_stats"],
+            seconds=record["seconds"], _weights=section("weights/"),
         )
 
 

@@ -14,7 +14,7 @@ centered vectors added to θ_avg; it lives here because it is AdaMerging applied
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -48,12 +48,10 @@ def adamerging_space(
 ) -> MergeSpace:
     """θ_pre and the K vectors T_k (or Φ(T_k) for ++) of AdaMerging §3.2.1, stacked for merging."""
     if plus_plus:
-        from ..statedict import task_vectors
         from .ties import ties_task_vectors
 
         # Φ(T_k): global top-k% trim, elected sign, only agreeing entries kept (Ties, "sum").
-        vectors = ties_task_vectors(task_vectors(suite.pretrained, suite.finetuned_list(), keys=keys),
-                                    k=ties_k, keys=keys)
+        vectors = ties_task_vectors(lazy_task_vectors(suite, keys), k=ties_k, keys=keys)
     else:
         vectors = lazy_task_vectors(suite, keys)
     return MergeSpace(suite.pretrained, vectors, device=resolve_device(device))
@@ -110,46 +108,35 @@ def adamerging(
     )
 
 
-def _full_keys(
-    base: Mapping[str, torch.Tensor],
-    finetuned: Sequence[Mapping[str, torch.Tensor]],
-    vectors: Sequence[Mapping[str, torch.Tensor]],
-) -> set[str]:
-    """Keys whose vectors are the full centered θ_t − θ_avg for every task (CART leaves them untruncated)."""
-    full = set()
-    for k in vectors[0]:
-        if all(torch.allclose(v[k], ft[k].to(v[k]) - base[k].to(v[k]), rtol=1e-5, atol=1e-7)
-               for v, ft in zip(vectors, finetuned)):
-            full.add(k)
-    return full
-
-
 def cart_space(
     suite: Suite,
     *,
     ratio: float = 0.12,
     rank: int | None = None,
+    matrix_rule: Callable[[str, torch.Tensor], bool] | Sequence[str] | None = None,
     adapt_full: bool = False,
     device: str | torch.device | None = "auto",
 ) -> MergeSpace:
     """θ_avg and the K low-rank centered vectors of CART (Eq. 4), stacked for Eq. 6's adaptive merge.
 
-    CART truncates only the attention and MLP matrices; every other tensor keeps its full centered
-    vector, and those sum to zero over tasks, so CART leaves them at θ_avg. With per-task
-    coefficients they would no longer cancel, so by default (``adapt_full=False``) they are kept
-    at θ_avg, as the paper describes ("set to standard weight averaging"), and λ covers only the
+    CART truncates only the matrices chosen by ``matrix_rule`` (default: the attention and MLP
+    weights, :data:`mergebook.methods.cart.default_matrix_rule`); every other tensor keeps its full
+    centered vector, and those sum to zero over tasks, so CART leaves them at θ_avg. With per-task
+    coefficients they would no longer cancel, so by default (``adapt_full=False``) they stay at
+    θ_avg, as the paper describes ("set to standard weight averaging"), and λ covers only the
     truncated matrices; ``adapt_full=True`` adapts them too.
     """
-    from .cart import cart_lowrank_vectors
+    from .cart import cart_lowrank_vectors, default_matrix_rule, suffix_rule
 
-    finetuned = suite.finetuned_list()
-    base, vectors = cart_lowrank_vectors(suite.pretrained, finetuned, ratio=ratio, rank=rank)
+    rule = default_matrix_rule if matrix_rule is None else (
+        matrix_rule if callable(matrix_rule) else suffix_rule(matrix_rule))
+    base, vectors = cart_lowrank_vectors(suite.pretrained, suite.finetuned_list(), ratio=ratio,
+                                         rank=rank, matrix_rule=rule)
     keys = list(vectors[0])
     if not adapt_full:
-        full = _full_keys(base, finetuned, vectors)
-        keys = [k for k in keys if k not in full]
+        keys = [k for k in keys if rule(k, suite.pretrained[k])]
         if not keys:
-            raise ValueError("CART truncated no tensor: nothing for CART++ to adapt")
+            raise ValueError("the CART matrix rule selects no tensor: nothing for CART++ to adapt")
     # Entries of base outside `keys` pass through: θ_avg for the untruncated tensors.
     return MergeSpace(base, vectors, keys=keys, device=resolve_device(device))
 
@@ -160,6 +147,7 @@ def cart_plus_plus(
     *,
     ratio: float = 0.12,
     rank: int | None = None,
+    matrix_rule: Callable[[str, torch.Tensor], bool] | Sequence[str] | None = None,
     steps: int = 500,
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -182,9 +170,10 @@ def cart_plus_plus(
     at CART's own λ (2.0 in its 8-task config), so step 0 is CART, and is not clamped by default
     because [0, 1] would exclude CART's optimum. Both are named options.
     """
-    space = cart_space(suite, ratio=ratio, rank=rank, adapt_full=adapt_full, device=device)
+    space = cart_space(suite, ratio=ratio, rank=rank, matrix_rule=matrix_rule, adapt_full=adapt_full,
+                       device=device)
     config = dict(
-        granularity=granularity, ratio=ratio, rank=rank, steps=steps, lr=lr, betas=betas,
+        granularity=granularity, ratio=ratio, rank=rank, matrix_rule=matrix_rule, steps=steps, lr=lr, betas=betas,
         batch_size=batch_size, batches_per_step=batches_per_step, init=init, clamp=clamp,
         adapt_full=adapt_full, seed=seed, device=str(space.device), concat=concat,
         autocast_dtype=autocast_dtype,

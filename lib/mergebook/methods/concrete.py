@@ -225,7 +225,8 @@ def concrete_task_arithmetic(
     result = AdaptationResult(
         method="concrete_task_arithmetic", tasks=list(suite.tasks), keys=list(space.keys),
         granularity="none", coefficients=lam.cpu(), history=history, config=config,
-        mask_logits=mask.named_logits(),
+        mask_logits=home_weights(suite, mask.named_logits()),
+        mask_sample=home_weights(suite, space.ungroup(final_sample)),
         mask_stats=mask_statistics(mask.named_logits(), space.ungroup(final_sample)),
         accuracy=dict(history.accuracy[-1]), seconds=time.perf_counter() - t0,
         _weights=home_weights(suite, final),
@@ -346,7 +347,8 @@ def concrete_adamerging(
         eval_every=eval_every, progress=progress, streams=streams, config=config,
     )
     result.phases = {"meta": meta_history}
-    result.mask_logits = mask.named_logits()
+    result.mask_logits = home_weights(suite, mask.named_logits())
+    result.mask_sample = home_weights(suite, space.ungroup(frozen))
     result.mask_stats = mask_statistics(result.mask_logits, space.ungroup(frozen))
     result.seconds = time.perf_counter() - t0
     return result
