@@ -11,6 +11,7 @@ Nothing here mutates its inputs: every result is a new dict of new tensors.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -253,6 +254,19 @@ def unflatten(vec: torch.Tensor, like: Mapping[str, torch.Tensor], keys: Sequenc
 # Safe I/O
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_ORDER_KEY = "mergebook_key_order"
+
+
+def _recorded_order(raw: str | None, sd: Mapping[str, torch.Tensor]) -> list[str] | None:
+    if not raw:
+        return None
+    try:
+        order = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(order, list) or sorted(order) != sorted(sd):
+        return None  # stale or foreign metadata: keep the file's order rather than guess
+    return order
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:
@@ -262,14 +276,20 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a file: check the path")
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(p)))
+            sd = dict(load_file(str(p)))
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {str(p)!r} as safetensors ({e}): the file is truncated or not "
                                   "a safetensors file; re-download or re-export it") from None
+        # safetensors stores tensors sorted by name; restore the state-dict order save_state_dict recorded,
+        # because layer-wise coefficients are indexed by layer_names() (state-dict order).
+        order = _recorded_order(meta.get(_ORDER_KEY), sd)
+        return {k: sd[k] for k in order} if order else sd
     if suffix in _PICKLE_SUFFIXES:
         try:
             # weights_only=True refuses arbitrary pickled objects: a checkpoint can run code on load.
@@ -295,7 +315,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> None:
-    """Write ``sd`` as safetensors atomically (temp file in the same directory, fsync, ``os.replace``)."""
+    """Write ``sd`` as safetensors atomically (temp file in the same directory, fsync, ``os.replace``).
+
+    The key order is recorded in the metadata (``mergebook_key_order``) and restored by
+    :func:`load_state_dict`, since safetensors itself stores tensors sorted by name.
+    """
     from safetensors.torch import save_file
 
     p = Path(path)
@@ -319,11 +343,13 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
         else:
             seen.add(ident)
         tensors[k] = t
+    meta = dict(metadata or {})
+    meta.setdefault(_ORDER_KEY, json.dumps(list(tensors)))
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=str(p.parent), prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)

@@ -6,7 +6,7 @@ this library in :data:`METHODS`; :func:`list_methods` and :func:`describe` say w
 
 from __future__ import annotations
 
-from .registry import METHODS, MergeError, MethodSpec, Param, describe, list_methods, merge, register
+from .registry import METHODS, MergeError, MethodSpec, Param, describe, list_methods, merge, method_spec, register
 from . import averaging, task_arithmetic, ties, cart, fisher, regmean  # noqa: E402,F401  (registration)
 from .task_arithmetic import combine, mask_and_rescale
 from .ties import ties_task_vectors
@@ -21,6 +21,7 @@ __all__ = [
     "list_methods",
     "mask_and_rescale",
     "merge",
+    "method_spec",
     "register",
     "ties_task_vectors",
 ]

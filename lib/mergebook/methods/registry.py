@@ -25,7 +25,7 @@ import torch
 
 from ..statedict import StateDict, check_compatible
 
-__all__ = ["MergeError", "Param", "MethodSpec", "METHODS", "register", "merge", "list_methods", "describe"]
+__all__ = ["MergeError", "Param", "MethodSpec", "METHODS", "register", "merge", "list_methods", "describe", "method_spec"]
 
 
 class MergeError(ValueError):
@@ -263,10 +263,11 @@ def _check_models(spec: MethodSpec, pretrained: Any, finetuned: Any) -> None:
 def merge(name: str, pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
           **params: Any) -> StateDict:
     """Merge ``finetuned`` (fine-tuned from ``pretrained``) with the registered method ``name``."""
-    return _spec(name).fn(pretrained, finetuned, **params)
+    return method_spec(name).fn(pretrained, finetuned, **params)
 
 
-def _spec(name: str) -> MethodSpec:
+def method_spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name``, or a :class:`MergeError` listing the known ones."""
     if name not in METHODS:
         close = difflib.get_close_matches(str(name), list(METHODS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -281,12 +282,12 @@ def list_methods() -> list[str]:
 
 def describe(name: str) -> str:
     """A short text: summary, paper, parameters with defaults and ranges, and required inputs."""
-    s = _spec(name)
+    s = method_spec(name)
     lines = [f"{s.name}: {s.summary}", f"  paper: {s.paper}" + (f" <{s.url}>" if s.url else "")]
     if s.inputs:
         lines.append(f"  needs: {', '.join(s.inputs)} (Python API only)")
     for p in s.params:
         default = "(required)" if p.required else repr(p.default)
-        lines.append(f"  {p.name} = {default}  [{p.range_text()}]  {p.doc}")
+        lines.append(f"  {p.name} = {default} | {p.range_text()} | {p.doc}")
     return "\n".join(lines)
 
