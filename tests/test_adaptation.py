@@ -324,3 +324,13 @@ def test_low_precision_vectors_keep_the_base_precision_and_stay_close():
         assert torch.allclose(a[k], b[k], atol=1e-3), k
     (g,) = torch.autograd.grad(sum(v.sum() for v in b.values()), lam)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_large_image_sets_stay_on_the_host_and_batches_are_the_same():
+    images = [torch.randn(20, 3, 4, 4), torch.randn(9, 3, 4, 4)]
+    staged = TaskStreams(images, 4, seed=0, device="cpu")
+    host = TaskStreams(images, 4, seed=0, device="cpu", stage_budget=0)
+    assert host.images[0] is images[0]  # not copied
+    for _ in range(5):
+        for a, b in zip(staged.step(2), host.step(2)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

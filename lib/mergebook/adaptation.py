@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 
+# Largest total size (bytes) of images moved to the device up front; beyond it, batches are copied.
+STAGE_BUDGET = 2 << 30
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
     if device is None or device == "auto":
@@ -292,12 +296,17 @@ class TaskStreams:
         batch_size: int = 16,
         seed: int = 0,
         device: str | torch.device | None = None,
+        stage_budget: int = STAGE_BUDGET,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         dev = torch.device(device) if device is not None else images[0].device
-        # Moved to the device once: the original loops rebuilt a DataLoader every step.
-        self.images = [x.to(dev) for x in images]
+        self.device = dev
+        # Prepared once (the original loops rebuilt a DataLoader every step): on the device when
+        # all tasks fit in ``stage_budget`` bytes, else kept on the host and copied per batch
+        # (the paper-scale test sets are ~13 GB even as uint8).
+        stage = sum(x.numel() * x.element_size() for x in images) <= stage_budget
+        self.images = [x.to(dev) if stage else x for x in images]
         self.batch_size = batch_size
         # One CPU generator per task, so tasks' streams do not depend on each other's sizes.
         self._gens = [torch.Generator().manual_seed(_mix(seed, k)) for k in range(len(images))]
@@ -315,7 +324,7 @@ class TaskStreams:
             self._pos[task] = 0
         idx = self._perm[task][self._pos[task] : self._pos[task] + bs]
         self._pos[task] += bs
-        return self.images[task].index_select(0, idx)
+        return self.images[task].index_select(0, idx).to(self.device, non_blocking=True)
 
     def step(self, batches_per_step: int = 1) -> list[list[torch.Tensor]]:
         """``batches_per_step`` batches of every task, task by task."""
@@ -532,16 +541,18 @@ class Recorder:
         return self.history
 
 
-def suite_on(suite: Suite, device: torch.device) -> Suite:
-    """The suite with heads and test data on ``device`` (moved once, for evaluation during a run)."""
-    first = next(iter(suite.test.values())).images
-    if first.device == device and all(h.device == device for h in suite.heads.values()):
-        return suite
-    return replace(
-        suite,
-        heads={t: h.to(device) for t, h in suite.heads.items()},
-        test={t: TaskData(d.images.to(device), d.labels.to(device)) for t, d in suite.test.items()},
-    )
+def suite_on(suite: Suite, device: torch.device, stage_budget: int = STAGE_BUDGET) -> Suite:
+    """The suite with heads (and test data, if within ``stage_budget`` bytes) on ``device``.
+
+    Moved once per run, for evaluation during it. Larger test sets stay on the host: the paper
+    backends' encoders move each evaluation batch to the weights' device themselves.
+    """
+    heads = {t: h.to(device) for t, h in suite.heads.items()}
+    size = sum(d.images.numel() * d.images.element_size() for d in suite.test.values())
+    test = suite.test
+    if size <= stage_budget:
+        test = {t: TaskData(d.images.to(device), d.labels.to(device)) for t, d in suite.test.items()}
+    return replace(suite, heads=heads, test=test)
 
 
 # ----------------------------------------------------------------------------------------------
