@@ -267,6 +267,11 @@ def test_result_round_trips_through_json_and_safetensors(tmp_path):
     assert back.history.accuracy == res.history.accuracy
     assert torch.equal(back.history.coefficient_tensor(), res.history.coefficient_tensor())
     assert torch.equal(back.coefficients, res.coefficients)
+    # The JSON alone (what chapters cache) also carries the coefficient trajectory.
+    from mergebook.adaptation import History
+
+    json_only = History.from_dict(res.history.to_dict())
+    assert torch.equal(json_only.coefficient_tensor(), res.history.coefficient_tensor())
     for k, v in res.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
     tpath.write_bytes(tpath.read_bytes()[:-8])  # a truncated tensor file is refused, not trusted

@@ -438,12 +438,13 @@ class History:
         return [a["avg"] for a in self.accuracy]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able view (coefficient snapshots go to the tensor file, see AdaptationResult.save)."""
+        """JSON-able view; coefficient snapshots as nested lists (exact copies go to the tensor file)."""
         return {
             "tasks": list(self.tasks),
             "entropy": list(self.entropy),
             "task_entropy": [list(r) for r in self.task_entropy],
             "coefficient_steps": list(self.coefficient_steps),
+            "coefficients": [c.double().tolist() for c in self.coefficients],
             "eval_steps": list(self.eval_steps),
             "accuracy": [dict(a) for a in self.accuracy],
             "extra": {k: list(v) for k, v in self.extra.items()},
@@ -452,7 +453,10 @@ class History:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], coefficients: torch.Tensor | None = None) -> History:
         """Inverse of :meth:`to_dict` (with the stacked snapshots from the tensor file)."""
-        coefs = list(coefficients.unbind(0)) if coefficients is not None and coefficients.numel() else []
+        if coefficients is not None and coefficients.numel():
+            coefs = list(coefficients.unbind(0))
+        else:  # JSON only: float32 snapshots survive the round trip through float64 lists exactly
+            coefs = [torch.tensor(c, dtype=torch.float32) for c in d.get("coefficients", [])]
         return cls(
             tasks=list(d["tasks"]), entropy=list(d["entropy"]),
             task_entropy=[list(r) for r in d["task_entropy"]],
