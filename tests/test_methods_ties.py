@@ -235,3 +235,16 @@ def test_topk_threshold_rejects_bad_k_and_method():
         T.topk_threshold(torch.ones(3), 1.5)
     with pytest.raises(MergeError, match="'auto', 'radix' or 'sort'"):
         T.topk_threshold(torch.ones(3), 0.2, method="fast")
+
+
+@pytest.mark.parametrize("disjoint", ["sum", "mean", "max"])
+def test_a_perfectly_balanced_vote_selects_negative_entries_like_the_original(disjoint):
+    # σ = [0, -1, +1]: the majority sign is 0, and the original's torch.where(σ > 0, x > 0, x < 0)
+    # then keeps the negative entries at the undecided position.
+    pre = {"w": torch.zeros(3)}
+    fts = [{"w": torch.tensor([1.0, -1.0, 1.0])}, {"w": torch.tensor([-1.0, -1.0, 1.0])}]
+    out = merge("ties", pre, fts, k=1.0, scaling_coef=1.0, disjoint=disjoint)
+    merged, selected = numpy_ties(np.stack([f["w"].numpy() for f in fts]), 1.0, disjoint)
+    np.testing.assert_array_equal(out["w"].numpy(), merged.astype(np.float32))
+    phis = ties_task_vectors(task_vectors(pre, fts), k=1.0)
+    np.testing.assert_array_equal(np.stack([p["w"].numpy() for p in phis]), selected)

@@ -55,7 +55,7 @@ def _all_finite(t: torch.Tensor) -> bool:
         return True
     # NaN and ±inf propagate through a sum, so a finite sum proves every entry finite; only a
     # non-finite sum (which a huge-but-finite tensor could also give) needs the exact check.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64) if t.dtype != torch.float64 else t.sum())):
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 

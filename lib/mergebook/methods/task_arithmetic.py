@@ -25,7 +25,7 @@ import torch
 
 from ..statedict import StateDict, TaskVectorView, layer_names
 from .registry import MergeError, Param, register
-from .ties import DISJOINT_METHODS, disjoint_merge, elect_signs, ties_thresholds, trim
+from .ties import DISJOINT_METHODS, TiesStream, _trimmed_stack, merge_agreeing, ties_key, ties_thresholds
 
 __all__ = [
     "combine",
@@ -157,29 +157,32 @@ def combine(
                              "not task- or layer-wise ones")
         with torch.no_grad():
             thresholds = ties_thresholds(tvs, sparsify, ks)
-            signs = elect_signs(tvs, ks, thresholds)[0] if consensus is not None else None
-            for key in ks:
-                stack = torch.stack([_trim_row(tv, key, thresholds, i) for i, tv in enumerate(tvs)])
-                _check_shape(pretrained, key, stack[0])
-                if signs is not None:
-                    sign = signs.pop(key).to(stack.dtype)
-                    if mode == "scalar":
-                        delta = disjoint_merge(stack, sign, consensus)
-                    else:
-                        agree = torch.relu(stack * sign)
-                        w = weights(key, stack).reshape(-1, *([1] * (stack.dim() - 1)))
-                        delta = (agree * w).sum(dim=0)
-                        if consensus == "mean":
-                            delta = delta / (agree != 0).sum(dim=0).clamp(min=1)
-                        delta = delta * sign
-                else:
+
+            def finish(key: str, delta: torch.Tensor) -> torch.Tensor:
+                # delta is a fresh tensor: (λ·δ) + θ in place is bit-identical to θ + λ·δ, one allocation less
+                return (delta.mul_(coef) if mode == "scalar" else delta).add_(pretrained[key])
+
+            if consensus is None:  # trim only: Σ_k λ_k trim(τ_k)
+                for key in ks:
+                    stack = _trimmed_stack(tvs, key, thresholds)
+                    _check_shape(pretrained, key, stack[0])
                     if mode == "scalar":
                         delta = stack.sum(dim=0)
                     else:
-                        w = weights(key, stack).reshape(-1, *([1] * (stack.dim() - 1)))
-                        delta = (stack * w).sum(dim=0)
-                base = pretrained[key]
-                out[key] = base + coef * delta if mode == "scalar" else base + delta
+                        delta = (stack * weights(key, stack).reshape(-1, *([1] * (stack.dim() - 1)))).sum(dim=0)
+                    out[key] = finish(key, delta)
+            else:
+                stream = TiesStream(tvs, ks, thresholds)
+                for t in stream:
+                    _check_shape(pretrained, t.key, t.trimmed[0])
+                    w = None if mode == "scalar" else weights(t.key, t.trimmed)
+                    out[t.key] = finish(t.key, merge_agreeing(t, consensus, w))
+                for key, idx, cols, sign in stream.patches():
+                    # columns whose trimmed values cancel: recompute with the global majority sign
+                    w = None if mode == "scalar" else weights(key, cols)
+                    d = merge_agreeing(ties_key(cols, sign), consensus, w)
+                    base = pretrained[key].reshape(-1)[idx]
+                    out[key].view(-1)[idx] = base + coef * d if mode == "scalar" else base + d
         return {k: out[k] for k in pretrained}
 
     for key in ks:
@@ -199,11 +202,6 @@ def combine(
                 acc = acc + w[i] * vecs[i]
             out[key] = base + acc
     return {k: out[k] for k in pretrained}
-
-
-def _trim_row(tv: Mapping[str, torch.Tensor], key: str, thresholds, i: int) -> torch.Tensor:
-    x = tv[key]
-    return x if thresholds is None else trim(x, thresholds[i])
 
 
 def _check_shape(pretrained: Mapping[str, torch.Tensor], key: str, v: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,10 @@ __all__ = [
     "trim",
     "elect_sign",
     "disjoint_merge",
+    "agreeing_entries",
+    "TiesStream",
+    "TiesKey",
+    "merge_agreeing",
     "ties_task_vectors",
     "ties_merging",
     "DISJOINT_METHODS",
@@ -66,15 +71,19 @@ def keep_count(d: int, k: float) -> int:
     return int(d * k)
 
 
-def trim(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Ties' trim (Alg. 1 step 1): ``x`` where ``|x| >= threshold``, else 0 (a new tensor)."""
-    if threshold <= 0:
-        return x.clone()
+def _shrink_lambda(threshold: float, dtype: torch.dtype) -> float:
     # hardshrink zeroes |x| <= λ; with λ the next value below t in x's dtype that is exactly |x| >= t,
     # in one fused pass instead of abs + compare + where.
-    t = torch.tensor(threshold, dtype=x.dtype)
-    below = torch.nextafter(t, torch.zeros((), dtype=x.dtype)).item()
-    return F.hardshrink(x, below)
+    t = torch.tensor(threshold, dtype=dtype)
+    return torch.nextafter(t, torch.zeros((), dtype=dtype)).item()
+
+
+def trim(x: torch.Tensor, threshold: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ties' trim (Alg. 1 step 1): ``x`` where ``|x| >= threshold``, else 0 (a new tensor, or ``out``)."""
+    if threshold <= 0:
+        return x.clone() if out is None else out.copy_(x)
+    lam = _shrink_lambda(threshold, x.dtype)
+    return F.hardshrink(x, lam) if out is None else torch.hardshrink(x, lam, out=out)
 
 
 def elect_sign(trimmed: torch.Tensor, majority: float | None = None) -> torch.Tensor:
@@ -85,18 +94,30 @@ def elect_sign(trimmed: torch.Tensor, majority: float | None = None) -> torch.Te
     return torch.where(sign == 0, torch.full_like(sign, majority), sign)
 
 
+def _selection_sign(sign: torch.Tensor) -> torch.Tensor:
+    # The original keeps x > 0 where σ > 0 and x < 0 elsewhere, σ = 0 included (torch.where(σ > 0, ...)).
+    return (sign > 0).to(sign.dtype) * 2 - 1
+
+
+def agreeing_entries(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Each row's entries whose sign agrees with σ, others 0: the Φ(T_k) rows of AdaMerging §3.1."""
+    sel = _selection_sign(sign)
+    return torch.relu(trimmed * sel) * sel
+
+
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, method: str = "sum") -> torch.Tensor:
     """Merge only the entries of ``trimmed`` [K, ...] whose sign equals ``sign`` (Ties Alg. 1 step 3)."""
     if method not in DISJOINT_METHODS:
         raise _err(f"disjoint merge {method!r} is unknown: use one of {', '.join(DISJOINT_METHODS)}")
     # relu(σ·x) is |x| where x agrees with σ and 0 elsewhere; multiplying by σ = ±1 is exact, so
     # σ·Σ relu(σ·x) is bit-identical to the original Σ x·[agree].
-    agree = torch.relu(trimmed * sign)
+    sel = _selection_sign(sign)
+    agree = torch.relu(trimmed * sel)
     if method == "sum":
-        return agree.sum(dim=0) * sign
+        return agree.sum(dim=0) * sel
     if method == "mean":
         count = (agree != 0).sum(dim=0).clamp(min=1)
-        return agree.sum(dim=0) / count * sign
+        return agree.sum(dim=0) / count * sel
     return agree.amax(dim=0) * sign
 
 
@@ -118,15 +139,21 @@ def _work_dtype(dtypes) -> torch.dtype:
 
 
 def _abs_chunks(tv: Mapping[str, torch.Tensor], keys: Sequence[str], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    fresh = isinstance(tv, TaskVectorView)
+    """|x| of each key, flattened. A yielded tensor may be a reused buffer: use it before the next one."""
+    buf: torch.Tensor | None = None
     for k in keys:
+        if isinstance(tv, TaskVectorView) and _dtype_of(tv, k) == dtype:
+            # ft − pre and its abs written into one reused buffer: no fresh pages per key
+            ft, pre = tv._ft[k].reshape(-1), tv._pre[k].reshape(-1)
+            if buf is None or buf.numel() < ft.numel() or buf.device != ft.device:
+                size = max(_numel(tv, key) for key in keys)
+                buf = torch.empty(size, dtype=dtype, device=ft.device)
+            out = buf[:ft.numel()]
+            torch.sub(ft, pre, out=out)
+            yield out.abs_()
+            continue
         x = tv[k].reshape(-1)
-        if x.dtype != dtype:
-            yield x.to(dtype).abs_()
-        elif fresh:
-            yield x.abs_()  # the view computed a new tensor: safe to overwrite
-        else:
-            yield x.abs()
+        yield x.to(dtype).abs_() if x.dtype != dtype else x.abs()
 
 
 def _sample_abs(tv: Mapping[str, torch.Tensor], keys: Sequence[str], step: int, dtype: torch.dtype) -> torch.Tensor:
@@ -156,20 +183,23 @@ def _bracket_stats(a: torch.Tensor, lo: float, hi: float) -> tuple[int, int, int
         # NumPy's compare/count kernels are several times faster than torch's on CPU here, and
         # .numpy() shares memory, so this costs nothing extra.
         n = a.numpy()
-        above = int(np.count_nonzero(n > hi))
-        eq_hi = int(np.count_nonzero(n == hi))
-        eq_lo = int(np.count_nonzero(n == lo)) if lo != hi else 0
-        inside = torch.from_numpy(n[(n > lo) & (n < hi)])
-        return above, eq_hi, eq_lo, inside
-    above = int(torch.count_nonzero(a > hi))
-    eq_hi = int(torch.count_nonzero(a == hi))
-    eq_lo = int(torch.count_nonzero(a == lo)) if lo != hi else 0
-    return above, eq_hi, eq_lo, a[(a > lo) & (a < hi)]
+        m = n >= lo
+        le_hi = n <= hi
+        above = n.size - int(np.count_nonzero(le_hi))
+        np.logical_and(m, le_hi, out=m)
+        cand = torch.from_numpy(n[m])  # [lo, hi]: a small fraction of the entries
+    else:
+        le_hi = a <= hi
+        above = a.numel() - int(torch.count_nonzero(le_hi))
+        cand = a[(a >= lo) & le_hi]
+    eq_hi = int(torch.count_nonzero(cand == hi))
+    eq_lo = int(torch.count_nonzero(cand == lo)) if lo != hi else 0
+    return above, eq_hi, eq_lo, cand[(cand > lo) & (cand < hi)]
 
 
 def _kth_largest_sort(chunks: Callable[[], Iterator[torch.Tensor]], d: int, r: int) -> float:
     # The original's own call: kthvalue at ascending position d − r + 1 of the gathered magnitudes.
-    a = torch.cat(list(chunks()))
+    a = torch.cat([c.clone() for c in chunks()])  # chunks may share one buffer
     return float(torch.kthvalue(a.cpu(), d - r + 1).values)
 
 
@@ -274,32 +304,128 @@ def topk_threshold(task_vector: torch.Tensor | Mapping[str, torch.Tensor], k: fl
 # Streaming Ties over state dicts
 
 
-def _check_disjoint(disjoint: str) -> None:
-    if disjoint not in DISJOINT_METHODS:
-        raise _err(f"Ties disjoint = {disjoint!r} is unknown: use one of {', '.join(DISJOINT_METHODS)}")
+def _key_layout(tvs: Sequence[Mapping[str, torch.Tensor]], key: str) -> tuple[torch.Size, torch.dtype, torch.device]:
+    first = tvs[0]
+    if isinstance(first, TaskVectorView):
+        return first.shape(key), _dtype_of(first, key), first._pre[key].device
+    x0 = first[key]
+    return x0.shape, x0.dtype, x0.device
 
 
-def _trimmed_stack(tvs: Sequence[Mapping[str, torch.Tensor]], key: str, thresholds: Sequence[float] | None) -> torch.Tensor:
-    rows = [tv[key] for tv in tvs]
-    if thresholds is not None:
-        rows = [trim(x, t) for x, t in zip(rows, thresholds)]
-    return torch.stack(rows)
+def _trimmed_stack(tvs: Sequence[Mapping[str, torch.Tensor]], key: str, thresholds: Sequence[float] | None,
+                   buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """[K, ...] stack of every task's trimmed vector of ``key``, written in place (into ``buffer`` if given)."""
+    shape, dtype, device = _key_layout(tvs, key)
+    size = len(tvs) * math.prod(shape)
+    if buffer is not None and buffer.numel() >= size and buffer.dtype == dtype and buffer.device == device:
+        stack = buffer[:size].view(len(tvs), *shape)
+    else:
+        stack = torch.empty((len(tvs), *shape), dtype=dtype, device=device)
+    for i, tv in enumerate(tvs):
+        row = stack[i]
+        if isinstance(tv, TaskVectorView):
+            torch.sub(tv._ft[key], tv._pre[key], out=row)
+            x = row
+        else:
+            x = tv[key]
+        if thresholds is None:
+            if x is not row:
+                row.copy_(x)
+        else:
+            trim(x, thresholds[i], out=row)
+    return stack
 
 
-def elect_signs(tvs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-                thresholds: Sequence[float] | None) -> tuple[dict[str, torch.Tensor], float]:
-    """Per-key σ = sign(Σ_k trimmed_k) with zeros filled by the global majority sign (Ties Alg. 1 step 2)."""
-    signs: dict[str, torch.Tensor] = {}
-    balance = 0  # Σ σ over every participating entry, counted exactly
-    for key in keys:
-        s = torch.sign(_trimmed_stack(tvs, key, thresholds).sum(dim=0))
-        balance += int(torch.count_nonzero(s > 0)) - int(torch.count_nonzero(s < 0))
-        signs[key] = s.to(torch.int8)  # a quarter of the memory of the float sign
-    majority = float(np.sign(balance))
-    for key, s in signs.items():
-        if majority != 0:
-            s[s == 0] = int(majority)
-    return signs, majority
+class TiesKey(NamedTuple):
+    """What :class:`TiesStream` yields for one key."""
+
+    key: str
+    trimmed: torch.Tensor  # [K, ...] trimmed task vectors
+    sign: torch.Tensor  # σ = sign(Σ_k trimmed_k); 0 where undecided until the majority is known
+    sel: torch.Tensor  # ±1: the sign an entry must have to be kept (the original treats σ = 0 as −)
+    agree: torch.Tensor  # [K, ...] |x| where x agrees with sel, else 0
+    agree_sum: torch.Tensor  # Σ_k agree_k
+
+
+class TiesStream:
+    """One pass over ``keys`` yielding a :class:`TiesKey` (trimmed stack, σ, agreeing magnitudes).
+
+    Where Σ_k trimmed_k = 0 the original uses the *global* majority sign, known only after the
+    last key. Those columns (usually none: an all-zero column never matters) are kept in
+    :attr:`pending` as ``key -> (flat indices, trimmed columns [K, m])``, and the consumer
+    recomputes them from :meth:`patches` after the pass. One pass instead of elect-then-merge
+    halves the reads of the fine-tuned weights.
+    """
+
+    def __init__(self, tvs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
+                 thresholds: Sequence[float] | None):
+        self.tvs, self.keys, self.thresholds = tvs, list(keys), thresholds
+        self.balance = 0  # Σ σ over every participating entry, counted exactly
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.done = False
+
+    def __iter__(self) -> Iterator[TiesKey]:
+        # Two [K, largest tensor] buffers are reused for every key: the yielded `trimmed` and
+        # `agree` are only valid until the next key (copy what you keep).
+        layouts = {key: _key_layout(self.tvs, key) for key in self.keys}
+        stack_buf = agree_buf = None
+        for key in self.keys:
+            shape, dtype, device = layouts[key]
+            if stack_buf is None or stack_buf.dtype != dtype or stack_buf.device != device:
+                size = len(self.tvs) * max(math.prod(sh) for sh, dt, dv in layouts.values() if (dt, dv) == (dtype, device))
+                stack_buf = torch.empty(size, dtype=dtype, device=device)
+                agree_buf = torch.empty(size, dtype=dtype, device=device)
+            stack = _trimmed_stack(self.tvs, key, self.thresholds, stack_buf)
+            s = stack.sum(dim=0)
+            sign = torch.sign(s)
+            # Σ of ±1/0 over one tensor (< 2^24 entries) is exact in float32 whatever the order.
+            self.balance += int(sign.sum(dtype=torch.float64)) if sign.numel() >= 1 << 24 else int(sign.sum())
+            zero = s == 0
+            sel = torch.where(zero, -1.0, sign)  # the original keeps negatives where σ = 0
+            agree = torch.mul(stack, sel, out=agree_buf[:stack.numel()].view(stack.shape)).relu_()
+            agree_sum = agree.sum(dim=0)
+            # A cancelled column (Σ = 0) that is not all zero has a negative entry, so with sel = −1
+            # there it has agree_sum > 0: a cheap test that needs no scan of the whole stack.
+            undecided = zero.logical_and_(agree_sum > 0)
+            if int(torch.count_nonzero(undecided)):
+                idx = torch.nonzero(undecided.reshape(-1)).squeeze(1)
+                self.pending[key] = (idx, stack.reshape(stack.shape[0], -1)[:, idx])
+            yield TiesKey(key, stack, sign, sel, agree, agree_sum)
+        self.done = True
+
+    @property
+    def majority(self) -> float:
+        """sign(Σ σ) over all participating entries (Ties' ``resolve_zero_signs(..., "majority")``)."""
+        if not self.done:
+            raise RuntimeError("the majority sign is known only after the whole pass")
+        return float(np.sign(self.balance))
+
+    def patches(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(key, flat indices, trimmed columns [K, m], σ = majority [m])`` to recompute after the pass."""
+        for key, (idx, cols) in self.pending.items():
+            yield key, idx, cols, torch.full((cols.shape[1],), self.majority, dtype=cols.dtype, device=cols.device)
+
+
+def merge_agreeing(t: TiesKey, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Disjoint merge of one streamed key, optionally with per-task weights (``max`` takes none)."""
+    if weights is None:
+        if method == "sum":
+            return t.agree_sum * t.sel
+        if method == "mean":
+            return t.agree_sum / (t.agree != 0).sum(dim=0).clamp(min=1) * t.sel
+        return t.agree.amax(dim=0) * t.sign
+    w = weights.to(t.agree).reshape(-1, *([1] * (t.agree.dim() - 1)))
+    d = (t.agree * w).sum(dim=0)
+    if method == "mean":
+        d = d / (t.agree != 0).sum(dim=0).clamp(min=1)
+    return d * t.sel
+
+
+def ties_key(trimmed: torch.Tensor, sign: torch.Tensor) -> TiesKey:
+    """A :class:`TiesKey` for given trimmed columns and signs (used to patch undecided columns)."""
+    sel = _selection_sign(sign)
+    agree = torch.relu(trimmed * sel)
+    return TiesKey("", trimmed, sign, sel, agree, agree.sum(dim=0))
 
 
 def ties_thresholds(tvs: Sequence[Mapping[str, torch.Tensor]], k: float | None,
@@ -322,14 +448,16 @@ def ties_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: flo
         raise _err("ties_task_vectors needs at least one task vector")
     ks = _keys_of(task_vectors[0], keys)
     thresholds = ties_thresholds(task_vectors, k, ks)
-    signs, _ = elect_signs(task_vectors, ks, thresholds)
     out: list[StateDict] = [{} for _ in task_vectors]
-    for key in ks:
-        stack = _trimmed_stack(task_vectors, key, thresholds)
-        sign = signs.pop(key).to(stack.dtype)
-        phi = torch.relu(stack * sign) * sign  # the agreeing entries of each task, others 0
-        for i, row in enumerate(phi.unbind(0)):
-            out[i][key] = row
+    stream = TiesStream(task_vectors, ks, thresholds)
+    with torch.no_grad():
+        for t in stream:
+            for i, row in enumerate((t.agree * t.sel).unbind(0)):
+                out[i][t.key] = row
+        for key, idx, cols, sign in stream.patches():
+            fixed = agreeing_entries(cols, sign)
+            for i in range(len(task_vectors)):
+                out[i][key].view(-1)[idx] = fixed[i]
     return out
 
 
