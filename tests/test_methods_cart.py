@@ -200,3 +200,43 @@ def test_cart_bad_parameters_get_one_clear_error(vit_models, params, message):
     pre, fts = vit_models
     with pytest.raises(ValueError, match=message):
         merge("cart", pre, fts, **params)
+
+
+def test_matrix_rule_none_or_suffixes_select_the_default_matrices(vit_models):
+    pre, fts = vit_models
+    a = merge("cart", pre, fts, ratio=0.25)
+    b = merge("cart", pre, fts, ratio=0.25, matrix_rule=None)
+    c = merge("cart", pre, fts, ratio=0.25, matrix_rule=list(C.CLIP_MATRIX_SUFFIXES))
+    d = merge("cart", pre, fts, ratio=0.25, matrix_rule=C.original_cart_rule)
+    for other in (b, c, d):
+        assert all(torch.equal(a[k], other[k]) for k in pre)
+
+
+def test_stack_qkv_on_split_weights_equals_the_fused_in_proj(vit_models):
+    """HF CLIP splits Q, K, V; stack_qkv truncates them as the one in_proj matrix of the original."""
+    pre, fts = vit_models
+
+    def split(sd):
+        out = {}
+        for k, v in sd.items():
+            if k.endswith("attn.in_proj_weight"):
+                p = k[: -len("in_proj_weight")]
+                for name, part in zip(("q_proj.weight", "k_proj.weight", "v_proj.weight"), v.chunk(3, dim=0)):
+                    out[p + name] = part.clone()
+            else:
+                out[k] = v
+        return out
+
+    rule = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "attn.out_proj.weight", "mlp.c_fc.weight",
+            "mlp.c_proj.weight")
+    fused = merge("cart", pre, fts, ratio=0.25)
+    stacked = merge("cart", split(pre), [split(f) for f in fts], ratio=0.25, matrix_rule=rule, stack_qkv=True)
+    separate = merge("cart", split(pre), [split(f) for f in fts], ratio=0.25, matrix_rule=rule)
+    key = "transformer.resblocks.0.attn.in_proj_weight"
+    parts = ["transformer.resblocks.0.attn." + n for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight")]
+    torch.testing.assert_close(torch.cat([stacked[p] for p in parts]), fused[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.cat([separate[p] for p in parts]), fused[key], rtol=1e-5, atol=1e-6)
+    sv = C.singular_values(split(pre), [split(f) for f in fts], matrix_rule=rule, stack_qkv=True)
+    assert sv["transformer.resblocks.0.attn.qkv_proj.weight"].shape == (3, WIDTH)
+    with pytest.raises(ValueError, match="no complete q/k/v triple"):
+        merge("cart", split(pre), [split(f) for f in fts], matrix_rule=("q_proj.weight",), stack_qkv=True)

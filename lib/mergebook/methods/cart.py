@@ -48,6 +48,7 @@ __all__ = [
     "cart_route",
     "singular_values",
     "cumulative_energy",
+    "QKV_SUFFIXES",
 ]
 
 CLIP_MATRIX_SUFFIXES: tuple[str, ...] = (
@@ -177,50 +178,98 @@ def centered_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence
     return base, [{k: _vector(ft, pretrained, base, k, True) for k in ks} for ft in finetuned]
 
 
-def _truncated(pretrained, finetuned, base, mkeys, tasks, ranks, *, centered, reverse, method, driver):
-    """Yield (key, [lowrank vector per task in `tasks`]) with SVDs batched by shape and rank."""
-    groups: dict[tuple, list[str]] = {}
+QKV_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+
+
+def _units(mkeys: Sequence[str], stack_qkv: bool) -> list[tuple[str, ...]]:
+    """Truncation units: single matrices, or (q, k, v) stacked like open_clip's ``in_proj_weight``."""
+    if not stack_qkv:
+        return [(k,) for k in mkeys]
+    present = set(mkeys)
+    grouped: set[str] = set()
+    units: list[tuple[str, ...]] = []
     for k in mkeys:
-        groups.setdefault((tuple(pretrained[k].shape), ranks[k]), []).append(k)
-    for (shape, r), keys in groups.items():
-        per_key = len(tasks) * shape[0] * shape[1]
-        step = max(1, _BATCH_ELEMS // max(1, per_key))
-        for i in range(0, len(keys), step):
-            chunk = keys[i:i + step]
-            stack = torch.stack([_vector(finetuned[t], pretrained, base, k, centered) for k in chunk for t in tasks])
+        if k in grouped:
+            continue
+        if k.endswith(QKV_SUFFIXES[0]):
+            prefix = k[: -len(QKV_SUFFIXES[0])]
+            unit = tuple(prefix + suf for suf in QKV_SUFFIXES)
+            if all(u in present for u in unit):
+                units.append(unit)
+                grouped.update(unit)
+                continue
+        if not k.endswith(QKV_SUFFIXES):
+            units.append((k,))
+            continue
+        raise MergeError(f"stack_qkv: {k!r} has no complete q/k/v triple ({', '.join(QKV_SUFFIXES)}) under its prefix; "
+                         "include all three in the matrix rule, or set stack_qkv=False")
+    return units
+
+
+def _unit_name(unit: tuple[str, ...]) -> str:
+    return unit[0] if len(unit) == 1 else unit[0][: -len(QKV_SUFFIXES[0])] + "qkv_proj.weight"
+
+
+def _unit_shape(pretrained: Mapping[str, torch.Tensor], unit: tuple[str, ...]) -> tuple[int, int]:
+    return sum(int(pretrained[k].shape[0]) for k in unit), int(pretrained[unit[0]].shape[1])
+
+
+def _unit_vector(ft, pretrained, base, unit: tuple[str, ...], centered: bool) -> torch.Tensor:
+    vs = [_vector(ft, pretrained, base, k, centered) for k in unit]
+    return vs[0] if len(vs) == 1 else torch.cat(vs, dim=0)
+
+
+def _truncated(pretrained, finetuned, base, units, tasks, ranks, *, centered, reverse, method, driver):
+    """Yield (key, [lowrank vector per task in `tasks`]) with SVDs batched by shape and rank."""
+    groups: dict[tuple, list[tuple[str, ...]]] = {}
+    for u in units:
+        groups.setdefault((_unit_shape(pretrained, u), ranks[u]), []).append(u)
+    for (shape, r), us in groups.items():
+        per_unit = len(tasks) * shape[0] * shape[1]
+        step = max(1, _BATCH_ELEMS // max(1, per_unit))
+        for i in range(0, len(us), step):
+            chunk = us[i:i + step]
+            stack = torch.stack([_unit_vector(finetuned[t], pretrained, base, u, centered) for u in chunk for t in tasks])
             low = lowrank(stack, r, reverse=reverse, method=method, driver=driver)
-            for j, k in enumerate(chunk):
-                yield k, list(low[j * len(tasks):(j + 1) * len(tasks)].unbind(0))
+            for j, u in enumerate(chunk):
+                per_task = low[j * len(tasks):(j + 1) * len(tasks)]
+                rows = [int(pretrained[k].shape[0]) for k in u]
+                for k, part in zip(u, per_task.split(rows, dim=1)):
+                    yield k, list(part.unbind(0)) if len(u) == 1 else [p.contiguous() for p in part.unbind(0)]
 
 
-def _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule):
+def _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule, stack_qkv):
     rule = _as_rule(matrix_rule)
-    mkeys = _matrix_keys(pretrained, rule)
-    ranks = {k: rank_for(pretrained[k].shape, ratio, rank) for k in mkeys}
+    units = _units(_matrix_keys(pretrained, rule), stack_qkv)
+    ranks = {u: rank_for(_unit_shape(pretrained, u), ratio, rank) for u in units}
     # ratio 0 (or rank 0) means "no task vector at all" in the original: every vector is zeroed.
     nothing = (rank == 0) if rank is not None else (ratio == 0.0)
     base = _average(pretrained, finetuned) if centered else {k: v.clone() for k, v in pretrained.items()}
-    return mkeys, ranks, nothing, base
+    matrix_keys = {k for u in units for k in u}
+    return units, ranks, matrix_keys, nothing, base
 
 
 def cart_lowrank_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
                          ratio: float = 0.12, rank: int | None = None, reverse: bool = False, centered: bool = True,
-                         matrix_rule: MatrixRule | Sequence[str] | None = None, method: str = "gram",
-                         driver: str | None = None) -> tuple[StateDict, list[StateDict]]:
+                         matrix_rule: MatrixRule | Sequence[str] | None = None, stack_qkv: bool = False,
+                         method: str = "gram", driver: str | None = None) -> tuple[StateDict, list[StateDict]]:
     """(base, [v_t]) of CART Eq. 4: θ_avg and SVD_r(θ_t − θ_avg) (θ_pre and SVD_r(τ_t) if not ``centered``).
 
     Matrices selected by ``matrix_rule`` are truncated to ``rank`` (or ``ratio`` of their rank);
     every other floating tensor keeps its full vector. ``reverse`` keeps the lowest singular
-    directions instead (CART Fig. 2). The merged model is ``combine(base, vectors, λ)``; CART++
-    adapts per-task / per-layer coefficients over these vectors (Eq. 6).
+    directions instead (CART Fig. 2). ``stack_qkv`` truncates separate ``q_proj``/``k_proj``/
+    ``v_proj`` weights (HF CLIP) as ONE stacked matrix, like the original's ``in_proj_weight``.
+    The merged model is ``combine(base, vectors, λ)``; CART++ adapts per-task / per-layer
+    coefficients over these vectors (Eq. 6).
     """
-    mkeys, ranks, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule)
+    units, ranks, matrix_keys, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule,
+                                                        stack_qkv)
     keys = float_keys(pretrained)
     vectors: list[StateDict] = [{} for _ in finetuned]
     tasks = list(range(len(finetuned)))
     low: dict[str, list[torch.Tensor]] = {}
     if not nothing:
-        low = dict(_truncated(pretrained, finetuned, base, mkeys, tasks, ranks, centered=centered,
+        low = dict(_truncated(pretrained, finetuned, base, units, tasks, ranks, centered=centered,
                               reverse=reverse, method=method, driver=driver))
     for k in keys:
         for t, ft in enumerate(finetuned):
@@ -242,7 +291,9 @@ _CART_PARAMS = [
     Param("reverse", False, "bool", "keep the LOWEST singular directions instead (CART Fig. 2)"),
     Param("centered", True, "bool", "truncate θ_t − θ_avg (CART); false truncates τ_t = θ_t − θ_pre around θ_pre"),
     Param("matrix_rule", CLIP_MATRIX_SUFFIXES, "rule", "which matrices are truncated: callable(key, tensor) or key "
-          "suffixes; others keep their full vector"),
+          "suffixes (None: the CLIP default); others keep their full vector", optional=True),
+    Param("stack_qkv", False, "bool", "truncate separate q/k/v_proj weights (HF CLIP) as one stacked matrix, like the "
+          "original's in_proj_weight"),
     Param("method", "gram", "choice", "eigh of the float64 Gram matrix, or torch.linalg.svd as the original",
           choices=("gram", "svd")),
 ]
@@ -253,23 +304,24 @@ _CART_PARAMS = [
           params=_CART_PARAMS)
 def cart_merge(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
                scaling_coef: float = 2.0, ratio: float = 0.12, rank: int | None = None, reverse: bool = False,
-               centered: bool = True, matrix_rule: MatrixRule | Sequence[str] | None = None,
+               centered: bool = True, matrix_rule: MatrixRule | Sequence[str] | None = None, stack_qkv: bool = False,
                method: str = "gram") -> StateDict:
     """CART (Choi et al. 2024, Eq. 4): θ_avg + λ Σ_t SVD_r(θ_t − θ_avg) over the attention/MLP matrices."""
-    mkeys, ranks, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule)
+    units, ranks, matrix_keys, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule,
+                                                        stack_qkv)
     if nothing:
         return base
     tasks = list(range(len(finetuned)))
     out: StateDict = dict(base)
     # Streams key by key (never all T low-rank vectors at once): θ_avg + λ (v_1 + … + v_T).
-    for k, vs in _truncated(pretrained, finetuned, base, mkeys, tasks, ranks, centered=centered,
+    for k, vs in _truncated(pretrained, finetuned, base, units, tasks, ranks, centered=centered,
                             reverse=reverse, method=method, driver=None):
         acc = vs[0]
         for v in vs[1:]:
             acc = acc + v
         out[k] = base[k] + scaling_coef * acc
     for k in float_keys(pretrained):
-        if k in ranks:
+        if k in matrix_keys:
             continue
         acc = _vector(finetuned[0], pretrained, base, k, centered)
         for ft in finetuned[1:]:
@@ -281,34 +333,38 @@ def cart_merge(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mappi
 def cart_route(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                task_index: int, *, coefficient: float = 1.0, ratio: float = 0.12, rank: int | None = None,
                reverse: bool = False, centered: bool = True, matrix_rule: MatrixRule | Sequence[str] | None = None,
-               method: str = "gram") -> StateDict:
+               stack_qkv: bool = False, method: str = "gram") -> StateDict:
     """CART routing (Eq. 5): θ_avg + c · SVD_r(θ_t − θ_avg) for one task t (θ_pre + c · SVD_r(τ_t) if not centered)."""
     if not 0 <= task_index < len(finetuned):
         raise MergeError(f"task_index {task_index} is out of range for {len(finetuned)} fine-tuned models: use "
                          f"0..{len(finetuned) - 1}")
-    mkeys, ranks, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule)
+    units, ranks, matrix_keys, nothing, base = _prepare(pretrained, finetuned, ratio, rank, centered, matrix_rule,
+                                                        stack_qkv)
     if nothing:
         return base
     out: StateDict = dict(base)
-    for k, (v,) in _truncated(pretrained, finetuned, base, mkeys, [task_index], ranks, centered=centered,
+    for k, (v,) in _truncated(pretrained, finetuned, base, units, [task_index], ranks, centered=centered,
                               reverse=reverse, method=method, driver=None):
         out[k] = base[k] + coefficient * v
     for k in float_keys(pretrained):
-        if k not in ranks:
+        if k not in matrix_keys:
             out[k] = base[k] + coefficient * _vector(finetuned[task_index], pretrained, base, k, centered)
     return {k: out[k] for k in pretrained}
 
 
 def singular_values(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
-                    centered: bool = True, matrix_rule: MatrixRule | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Per matrix, the [T, min(m, n)] singular values (descending) of θ_t − θ_avg (or τ_t): CART Fig. 1-3's spectra."""
-    rule = _as_rule(matrix_rule)
-    mkeys = _matrix_keys(pretrained, rule)
+                    centered: bool = True, matrix_rule: MatrixRule | Sequence[str] | None = None,
+                    stack_qkv: bool = False) -> dict[str, torch.Tensor]:
+    """Per matrix, the [T, min(m, n)] singular values (descending) of θ_t − θ_avg (or τ_t): CART Fig. 1-3's spectra.
+
+    With ``stack_qkv`` a stacked q/k/v unit is reported under ``<prefix>qkv_proj.weight``.
+    """
+    units = _units(_matrix_keys(pretrained, _as_rule(matrix_rule)), stack_qkv)
     base = _average(pretrained, finetuned) if centered else pretrained
     out: dict[str, torch.Tensor] = {}
-    for k in mkeys:
-        stack = torch.stack([_vector(ft, pretrained, base, k, centered) for ft in finetuned])
-        out[k] = torch.linalg.svdvals(stack.to(torch.float64)).to(stack.dtype)
+    for u in units:
+        stack = torch.stack([_unit_vector(ft, pretrained, base, u, centered) for ft in finetuned])
+        out[_unit_name(u)] = torch.linalg.svdvals(stack.to(torch.float64)).to(stack.dtype)
     return out
 
 
