@@ -4,7 +4,8 @@ CART truncates 4 matrices per block (in_proj 2304×768 as one SVD, out_proj 768�
 3072×768, c_proj 768×3072): 48 matrices × 8 tasks = 384 decompositions. The original calls
 ``torch.linalg.svd`` once per matrix; ``merge("cart", ...)`` batches them by shape on the
 tensors' device, and by default (``method="gram"``) takes the top singular subspace from ``eigh``
-of the float64 Gram matrix on the smaller side. ``--methods gram,svd`` times both; ``--baseline``
+of the float64 Gram matrix on the smaller side (``gram32``: in float32). ``--methods gram,gram32,svd``
+times each; ``--baseline``
 also times the original's one-matrix-at-a-time ``torch.linalg.svd`` on 8 matrices per shape and
 extrapolates to all 384.
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.12)
-    ap.add_argument("--methods", default=None, help="comma list of gram,svd (default: gram on CPU, both on CUDA)")
+    ap.add_argument("--methods", default=None,
+                    help="comma list of gram,gram32,svd (default: gram on CPU, all three on CUDA)")
     ap.add_argument("--baseline", action="store_true", help="also time the original per-matrix SVD loop")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     if args.methods is None:
-        args.methods = "gram,svd" if device.type == "cuda" else "gram"
+        args.methods = "gram,gram32,svd" if device.type == "cuda" else "gram"
     if args.child:
         print("RESULT " + json.dumps(run(args, device)), flush=True)
         return

@@ -68,7 +68,7 @@ def test_reverse_at_full_rank_equals_forward(vit_models):
     assert all(torch.equal(fwd[k], rev[k]) for k in pre)
 
 
-@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("method", ["gram", "gram32", "svd"])
 def test_lowrank_is_the_svd_truncation_and_top_plus_bottom_is_the_matrix(method):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, 24, 10, generator=g)
@@ -193,7 +193,7 @@ def test_cart_does_not_modify_inputs(vit_models):
     ({"rank": WIDTH + 1}, r"rank = 17 is out of range for a 48×16 matrix: use 0 ≤ rank ≤ 16"),
     ({"rank": -1}, r"'rank' = -1 is out of range"),
     ({"ratio": 1.5}, r"'ratio' = 1.5 is out of range: use a value in \[0, 1\]"),
-    ({"method": "qr"}, r"'method' = 'qr' is not valid: use one of gram, svd"),
+    ({"method": "qr"}, r"'method' = 'qr' is not valid: use one of gram, gram32, svd"),
     ({"matrix_rule": lambda k, t: k.endswith("ln_1.weight")}, r"selected .*ln_1.weight.* not a matrix"),
 ])
 def test_cart_bad_parameters_get_one_clear_error(vit_models, params, message):

@@ -248,3 +248,12 @@ def test_a_perfectly_balanced_vote_selects_negative_entries_like_the_original(di
     np.testing.assert_array_equal(out["w"].numpy(), merged.astype(np.float32))
     phis = ties_task_vectors(task_vectors(pre, fts), k=1.0)
     np.testing.assert_array_equal(np.stack([p["w"].numpy() for p in phis]), selected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_trim_is_exact_in_every_float_dtype(dtype):
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(11)).to(dtype)
+    t = T.topk_threshold(x, 0.3)
+    expected = torch.where(x.abs() >= t, x, torch.zeros_like(x))
+    assert torch.equal(T.trim(x, t), expected)
+    assert int((T.trim(x, t) != 0).sum()) >= T.keep_count(x.numel(), 0.3)

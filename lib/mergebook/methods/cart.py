@@ -22,7 +22,10 @@ The truncation is batched by matrix shape and runs on the tensors' device. ``met
 side (AᵀA or AAᵀ) and projects A onto it; that is the same rank-r approximation as the SVD
 (Eckart–Young), 3× faster on CPU and, in float64, more accurate than the original's float32 SVD
 (relative difference ≈ 1e-8 to a float64 SVD on random matrices vs ≈ 1e-5 for float32 SVD).
-``method="svd"`` calls ``torch.linalg.svd`` as the original does.
+``method="gram32"`` does the same in float32 (error ≈ 1e-5, like the original's float32 SVD; for
+GPUs with slow float64 such as Colab's T4). ``method="svd"`` calls ``torch.linalg.svd`` as the
+original does. CPU, 8 tasks at ViT-B/32 shapes: ``gram`` ≈ 106 s vs ≈ 530 s for the original's
+one-matrix-at-a-time SVD loop (``benchmarks/cart.py``).
 """
 
 from __future__ import annotations
@@ -125,9 +128,9 @@ def lowrank(a: torch.Tensor, rank: int, *, reverse: bool = False, method: str = 
         u, s, vh = torch.linalg.svd(a, full_matrices=False, driver=driver)
         sel = slice(full - rank, full) if reverse else slice(0, rank)
         return (u[..., :, sel] * s[..., None, sel]) @ vh[..., sel, :]
-    if method != "gram":
-        raise MergeError(f"CART method {method!r} is unknown: use 'gram' or 'svd'")
-    x = a.to(torch.float64)
+    if method not in ("gram", "gram32"):
+        raise MergeError(f"CART method {method!r} is unknown: use 'gram', 'gram32' or 'svd'")
+    x = a.to(torch.float64 if method == "gram" else torch.promote_types(a.dtype, torch.float32))
     tall = m >= n
     g = x.mT @ x if tall else x @ x.mT  # Gram matrix on the smaller side
     _, vecs = torch.linalg.eigh(g)  # eigenvalues ascending
@@ -294,8 +297,9 @@ _CART_PARAMS = [
           "suffixes (None: the CLIP default); others keep their full vector", optional=True),
     Param("stack_qkv", False, "bool", "truncate separate q/k/v_proj weights (HF CLIP) as one stacked matrix, like the "
           "original's in_proj_weight"),
-    Param("method", "gram", "choice", "eigh of the float64 Gram matrix, or torch.linalg.svd as the original",
-          choices=("gram", "svd")),
+    Param("method", "gram", "choice", "eigh of the float64 Gram matrix (gram), of the float32 one (gram32: as "
+          "accurate as the original's float32 SVD, for GPUs with slow float64), or torch.linalg.svd as the original",
+          choices=("gram", "gram32", "svd")),
 ]
 
 

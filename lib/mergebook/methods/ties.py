@@ -12,14 +12,17 @@ Facts of the original code reproduced here (prateeksr/ties-merging, reused by Ad
   participating keys at once), keeping the ``int(d·k)`` largest magnitudes *and every entry tied
   with the threshold* (``|x| >= kthvalue(|x|, d − int(d·k))``).
 * **Elect**: σ = sign(Σ_k trimmed_k); entries where that is 0 take the majority sign, i.e. the sign
-  of Σ σ over the *whole* vector.
+  of Σ σ over the *whole* vector. (If even that is 0, the agreement test
+  ``torch.where(σ > 0, x > 0, x < 0)`` keeps the negative entries; reproduced too.)
 * **Disjoint merge** keeps only entries whose sign equals σ: ``sum`` adds them (the variant the
   AdaMerging / Concrete / CART papers report, λ = 0.3), ``mean`` divides by their count (the
   Ties repository's default), ``max`` keeps the largest magnitude with sign σ.
 
 At CLIP scale (8 × 87.5M float32) the original stacks every task vector and calls ``kthvalue``,
 which allocates int64 indices and runs out of memory. Here the threshold is found exactly with
-bounded memory (:func:`topk_threshold`), and the merge streams key by key.
+bounded memory (:func:`topk_threshold`), and the merge streams key by key (:class:`TiesStream`):
+one pass that trims, elects and merges each tensor, then patches the few columns whose trimmed
+values cancel once the global majority sign is known. ``benchmarks/ties.py`` measures it.
 """
 
 from __future__ import annotations
