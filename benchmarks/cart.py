@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ties import proc_status, random_checkpoints, reset_peak  # noqa: E402  (same directory)
+from ties import child_env, proc_status, random_checkpoints, reset_peak  # noqa: E402  (same directory)
 
 
 def _sync(device: torch.device) -> None:
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of gram,gram32,svd (default: gram on CPU, all three on CUDA)")
     ap.add_argument("--baseline", action="store_true", help="also time the original per-matrix SVD loop")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--omp-wait", default="passive", choices=["passive", "active", "inherit"],
+                    help="OMP_WAIT_POLICY of the CPU child (default passive: see benchmarks/README.md)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -122,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, __file__, "--child", "--device", "cpu", "--tasks", str(args.tasks), "--ratio",
                str(args.ratio), "--methods", args.methods] + (["--baseline"] if args.baseline else []) \
             + (["--threads", str(args.threads)] if args.threads else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = child_env(args.omp_wait)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(proc.returncode)
         r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-        where = f"CPU, {r['threads']} threads"
+        where = f"CPU, {r['threads']} threads, OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}"
     print(f"# CART (ratio {args.ratio}, 48 matrices x {r['tasks']} tasks = {48 * r['tasks']} truncations), "
           f"ViT-B/32 shapes, {r['params'] / 1e6:.1f}M params; torch {torch.__version__}, {where}")
     mem = "peak GPU MiB above inputs (max_memory_allocated)" if device.type == "cuda" else "peak RSS GiB (VmHWM)"

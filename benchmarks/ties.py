@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -46,6 +47,16 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def child_env(omp_wait: str) -> dict[str, str]:
+    """Environment of the measuring child: OpenMP threads sleep instead of spinning unless asked."""
+    env = dict(os.environ)
+    if omp_wait != "inherit":
+        # With more runnable processes than cores, spinning OpenMP threads make element-wise ops
+        # 5-10x slower than one thread; passive waiting removes that artefact of a shared machine.
+        env["OMP_WAIT_POLICY"] = omp_wait.upper()
+    return env
 
 
 def b32_shapes() -> dict[str, torch.Size]:
@@ -111,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--disjoint", default="sum", choices=["sum", "mean", "max"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--check", action="store_true", help="also check task 0's threshold against kthvalue")
+    ap.add_argument("--omp-wait", default="passive", choices=["passive", "active", "inherit"],
+                    help="OMP_WAIT_POLICY of the child (default passive: see benchmarks/README.md)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -119,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd = [sys.executable, __file__, "--child", "--tasks", str(args.tasks), "--k", str(args.k),
            "--disjoint", args.disjoint] + (["--threads", str(args.threads)] if args.threads else []) \
         + (["--check"] if args.check else [])
+    env = child_env(args.omp_wait)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     total = time.perf_counter() - t
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"# Ties-Merging, ViT-B/32 vision-tower shapes: {r['tensors']} tensors, {r['params'] / 1e6:.1f}M "
           f"params x {r['tasks']} tasks, k={args.k}, disjoint={args.disjoint}, torch {torch.__version__}, "
-          f"{r['threads']} CPU threads")
+          f"{r['threads']} CPU threads, OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"merge wall time         {r['wall_s']:8.2f} s")
     print(f"RSS with inputs loaded  {r['inputs_rss_mib'] / 1024:8.2f} GiB   (pretrained + {r['tasks']} fine-tuned)")
     scope = "during the merge" if r["peak_is_merge_only"] else "whole child process"

@@ -24,8 +24,8 @@ side (AᵀA or AAᵀ) and projects A onto it; that is the same rank-r approximat
 (relative difference ≈ 1e-8 to a float64 SVD on random matrices vs ≈ 1e-5 for float32 SVD).
 ``method="gram32"`` does the same in float32 (error ≈ 1e-5, like the original's float32 SVD; for
 GPUs with slow float64 such as Colab's T4). ``method="svd"`` calls ``torch.linalg.svd`` as the
-original does. CPU, 8 tasks at ViT-B/32 shapes: ``gram`` ≈ 106 s vs ≈ 530 s for the original's
-one-matrix-at-a-time SVD loop (``benchmarks/cart.py``).
+original does. On 2 busy CPU cores, 8 tasks at ViT-B/32 shapes: ``gram`` 66 s against ≈ 570 s for
+the original's one-matrix-at-a-time SVD loop (``benchmarks/cart.py``).
 """
 
 from __future__ import annotations
