@@ -91,8 +91,11 @@ suite = load_suite(profile, device=device)
 tasks = suite.tasks
 pre, fts = suite.pretrained, suite.finetuned_list()
 matrix_rule = None
-if profile != "tiny":  # HF CLIP splits Q, K and V: name its matrices explicitly
+cart_kw = {}
+if profile != "tiny":  # HF CLIP splits Q, K and V: name its matrices, and SVD the stacked QKV as the original
     from mergebook.models.clip_hf import HF_CLIP_MATRIX_KEYS as matrix_rule
+
+    cart_kw = {"matrix_rule": matrix_rule, "stack_qkv": True}
 
 # %% [markdown]
 # ## The spectrum of centered and original task vectors
@@ -106,7 +109,7 @@ if profile != "tiny":  # HF CLIP splits Q, K and V: name its matrices explicitly
 def _spectra():
     out = {}
     for centered in (True, False):
-        sv = singular_values(pre, fts, centered=centered, matrix_rule=matrix_rule)
+        sv = singular_values(pre, fts, centered=centered, **cart_kw)
         energy = torch.stack([cumulative_energy(s).mean(0) for s in sv.values()])  # [M, n] (mean over tasks)
         out["centered" if centered else "original"] = {
             "energy": energy.mean(0).tolist(), "example_key": list(sv)[len(sv) // 2],
@@ -164,7 +167,7 @@ glue("cart_ratio_pct", f"{100 * cart_ratio:g}", display=False)
 # %%
 glue("ta_lambda", f"{ta_lambda:g}", display=False)
 lam_val = cached_result(suite, "cart_lambda_val", {"grid": cart_lambdas, "ratio": cart_ratio}, lambda: {
-    f"{lam:g}": evaluate(suite, merge("cart", pre, fts, scaling_coef=lam, ratio=cart_ratio, matrix_rule=matrix_rule),
+    f"{lam:g}": evaluate(suite, merge("cart", pre, fts, scaling_coef=lam, ratio=cart_ratio, **cart_kw),
                          split="val")["avg"] for lam in cart_lambdas})
 cart_lambda = float(max(lam_val, key=lam_val.get))
 glue("cart_lambda", f"{cart_lambda:g}", display=False)
@@ -178,8 +181,7 @@ def _rank_sweep():
         for reverse in (False, True):
             curve = {}
             for r in ratios:
-                sd = merge("cart", pre, fts, scaling_coef=lam, ratio=r, centered=centered, reverse=reverse,
-                           matrix_rule=matrix_rule)
+                sd = merge("cart", pre, fts, scaling_coef=lam, ratio=r, centered=centered, reverse=reverse, **cart_kw)
                 curve[f"{r:g}"] = evaluate(suite, sd)
             out[f"{'centered' if centered else 'original'}|{'reverse' if reverse else 'top'}"] = curve
     return out
@@ -187,7 +189,7 @@ def _rank_sweep():
 
 sweep = cached_result(suite, "cart_rank_sweep", {"ratios": ratios, "lam": cart_lambda, "ta": ta_lambda,
                                                  "rule": str(matrix_rule)}, _rank_sweep)
-wa = evaluate(suite, merge("weight_averaging", pre, fts))["avg"] if "wa" not in globals() else wa
+wa = cached_result(suite, "wa", {}, lambda: evaluate(suite, merge("weight_averaging", pre, fts)))["avg"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
 for ax, order in zip(axes, ("top", "reverse")):
     for kind, method, label in [("centered", "CART", f"centered, λ={cart_lambda:g} (CART)"),
@@ -238,7 +240,7 @@ def _routing():
     for centered in (True, False):
         curve = {}
         for r in ratios:
-            accs = {t: accuracy(suite.model, cart_route(pre, fts, i, ratio=r, centered=centered, matrix_rule=matrix_rule),
+            accs = {t: accuracy(suite.model, cart_route(pre, fts, i, ratio=r, centered=centered, **cart_kw),
                                 suite.heads[t], suite.test[t]) for i, t in enumerate(tasks)}
             accs["avg"] = float(np.mean(list(accs.values())))
             curve[f"{r:g}"] = accs
@@ -247,7 +249,8 @@ def _routing():
 
 
 routing = cached_result(suite, "cart_routing", {"ratios": ratios, "rule": str(matrix_rule)}, _routing)
-individual = float(np.mean([accuracy(suite.model, suite.finetuned[t], suite.heads[t], suite.test[t]) for t in tasks]))
+individual = cached_result(suite, "individual_avg", {}, lambda: float(np.mean(
+    [accuracy(suite.model, suite.finetuned[t], suite.heads[t], suite.test[t]) for t in tasks])))
 fig, ax = plt.subplots(figsize=(5.5, 3.6))
 for kind, method in [("centered", "CART"), ("original", "Task Arithmetic")]:
     c = routing[kind]
@@ -274,7 +277,7 @@ plt.close(fig)
 
 # %%
 def _cart_rows():
-    cart = evaluate(suite, merge("cart", pre, fts, scaling_coef=cart_lambda, ratio=cart_ratio, matrix_rule=matrix_rule))
+    cart = evaluate(suite, merge("cart", pre, fts, scaling_coef=cart_lambda, ratio=cart_ratio, **cart_kw))
     res = cart_plus_plus(suite, "layer", ratio=cart_ratio, init=cart_lambda, steps=cartpp_steps,
                          batch_size=cartpp_batch_size, batches_per_step=1, seed=seed, device=device,
                          matrix_rule=matrix_rule, eval_every=max(1, cartpp_steps // 4))

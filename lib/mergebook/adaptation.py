@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .artifacts import atomic_write, sha256_file
 from .evaluate import entropy, evaluate, head_logits
 from .models.suite import Suite, TaskData
 
@@ -630,11 +630,11 @@ class AdaptationResult:
             stem = stem.with_suffix("")
         jpath, tpath = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
         tensors = self.tensors(weights)
-        _atomic_write(tpath, lambda p: save_file(tensors, str(p)))
+        atomic_write(tpath, lambda p: save_file(tensors, str(p)))
         record = self.to_dict()
         record["tensor_file"] = tpath.name
-        record["tensor_sha256"] = _sha256(tpath)
-        _atomic_write(jpath, lambda p: p.write_text(json.dumps(record, indent=1)))
+        record["tensor_sha256"] = sha256_file(tpath)
+        atomic_write(jpath, lambda p: p.write_text(json.dumps(record, indent=1)))
         return jpath, tpath
 
     @classmethod
@@ -648,7 +648,7 @@ class AdaptationResult:
         jpath = stem.with_name(stem.name + ".json")
         record = json.loads(jpath.read_text())
         tpath = jpath.with_name(record["tensor_file"])
-        if _sha256(tpath) != record["tensor_sha256"]:
+        if sha256_file(tpath) != record["tensor_sha256"]:
             raise ValueError(f"{tpath} does not match the checksum recorded in {jpath}")
         t = load_file(str(tpath))
         def section(prefix: str) -> StateDict | None:
@@ -680,27 +680,6 @@ def _jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     return str(x)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write via a temp file in the same directory, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------

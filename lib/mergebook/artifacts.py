@@ -47,7 +47,8 @@ def make_key(config: dict[str, Any], modules: Iterable[ModuleType] = ()) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -55,8 +56,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path``, then rename it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -82,11 +84,11 @@ class Cache:
         side = path.with_name(path.name + ".sha256")
         if not path.exists() or not side.exists():
             return False
-        return side.read_text().strip() == _sha256(path)
+        return side.read_text().strip() == sha256_file(path)
 
     def _store(self, path: Path, write: Callable[[Path], None]) -> None:
         atomic_write(path, write)
-        digest = _sha256(path)
+        digest = sha256_file(path)
         atomic_write(path.with_name(path.name + ".sha256"), lambda p: p.write_text(digest + "\n"))
 
     def _discard(self, path: Path) -> None:

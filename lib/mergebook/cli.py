@@ -14,7 +14,6 @@ without a traceback; bugs still raise.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -24,6 +23,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .artifacts import sha256_file  # re-exported: the CLI records input hashes with it
 
 __all__ = ["main", "register_subcommand", "SUBCOMMANDS", "PLUGINS", "parse_value", "sha256_file", "UsageError"]
 
@@ -44,15 +45,6 @@ def register_subcommand(name: str, setup: SetupFn) -> SetupFn:
     """Register ``setup(subparsers)`` as the builder of subcommand ``name`` (it must set ``func=``)."""
     SUBCOMMANDS[name] = setup
     return setup
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_value(text: str) -> Any:

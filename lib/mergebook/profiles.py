@@ -74,15 +74,7 @@ def load_suite(profile: str, *, device: str = "auto", progress: bool = True, wit
     else:
         from .models.clip_hf import load_suite as hf_suite
 
-        suite = hf_suite(p, device=resolve_device(device), progress=progress, **backend_kw)
+        from .adaptation import resolve_device
+
+        suite = hf_suite(p, device=str(resolve_device(device)), progress=progress, **backend_kw)
     return suite
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` means CUDA when available, else CPU; anything else is validated by torch."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    torch.device(device)  # raises a clear RuntimeError on nonsense
-    return device

@@ -27,7 +27,8 @@ from ..data import render, tiny_suite
 from ..evaluate import head_logits
 from . import tiny_train
 from .suite import Suite, TaskData
-from .tiny_train import ASSET, ASSET_RECORD, TINY_VIT, cosine_lr, random_shift, sha256_file, to_tensor
+from ..artifacts import sha256_file
+from .tiny_train import ASSET, ASSET_RECORD, TINY_VIT, cosine_lr, random_shift, to_tensor
 from .vit import ViTConfig, VisionTransformer
 
 StateDict = dict[str, torch.Tensor]

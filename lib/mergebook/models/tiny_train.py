@@ -8,7 +8,6 @@ Fine-tuning and joint multi-task training always run (they are cached by ``artif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..artifacts import sha256_file
 from ..data import tiny_suite
 from .vit import ViTConfig, VisionTransformer
 
@@ -89,19 +89,11 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pretrain(
     out: Path, *, steps: int, n_images: int, batch_size: int = 128, lr: float = 1e-3,
     weight_decay: float = 0.05, warmup: int = 500, seed: int = 0, config: ViTConfig = TINY_VIT,
     label_smoothing: float = 0.1, checkpoint_every: int = 1000, log: Callable[[str], None] = print,
+    data_cache: Path | None = None,
 ) -> dict:
     """Pretrain the miniature encoder with a CLIP-like cosine classifier on the disjoint mixture.
 
@@ -111,7 +103,17 @@ def pretrain(
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    x_np, y_np = generate_parallel("pretrain", "train", n_images, seed=seed, desc="pretraining data")
+    if data_cache is not None and data_cache.exists():
+        with np.load(data_cache) as z:  # plain arrays only (allow_pickle is False by default)
+            x_np, y_np = z["x"], z["y"]
+        if len(y_np) != n_images:
+            raise ValueError(f"{data_cache} holds {len(y_np)} images, not {n_images}; delete it to regenerate")
+    else:
+        x_np, y_np = generate_parallel("pretrain", "train", n_images, seed=seed, desc="pretraining data")
+        if data_cache is not None:
+            tmp = data_cache.with_name(data_cache.name + ".tmp.npz")
+            np.savez(tmp, x=x_np, y=y_np)
+            os.replace(tmp, data_cache)
     x_all, y_all = torch.from_numpy(x_np), torch.from_numpy(y_np)
     model = VisionTransformer(config)
     k = tiny_suite.num_classes("pretrain")
@@ -177,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     pp.add_argument("--lr", type=float, default=1e-3)
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--threads", type=int, default=0)
+    pp.add_argument("--data-cache", type=Path, default=None,
+                    help="reuse (or write) the generated pretraining images here (.npz); same seed and size only")
     pp.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the script, not the asset")
     sub.add_parser("verify", help="check that the shipped encoder loads and matches its recorded sha256")
     a = p.parse_args(argv)
@@ -194,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if a.out == ASSET:
             raise SystemExit("--smoke must not overwrite the shipped asset; pass --out somewhere else")
     res = pretrain(a.out, steps=a.steps, n_images=a.n_images, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                   warmup=min(500, max(1, a.steps // 10)))
+                   warmup=min(500, max(1, a.steps // 10)), data_cache=a.data_cache)
     print(json.dumps(res))
     if not a.smoke:
         record = {"file": a.out.name, "sha256": sha256_file(a.out), **res,
