@@ -24,7 +24,7 @@ STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 .PHONY: book test venv clean distclean
 
 book: $(STAMP)
-	PROFILE=$(PROFILE) $(VPY) scripts/build_book.py --profile $(PROFILE) $(BOOKFLAGS)
+	PROFILE=$(PROFILE) $(VPY) scripts/build_book.py $(BOOKFLAGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
