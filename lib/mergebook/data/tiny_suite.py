@@ -246,7 +246,7 @@ def _shapes(rng, label, split):
     bg = R.background(rng, ["plain", "gradient", "noise"][int(rng.integers(3))])
     for _ in range(int(rng.integers(0, 3))):  # small distractor blobs
         bg = R.composite(bg, R.disk_mask(rng.uniform(2, SIZE - 2, 2), rng.uniform(1, 2.5)), R.random_color(rng))
-    r = rng.uniform(6, 13)
+    r = rng.uniform(8, 14)  # below ~8 px a star, a pentagon and a hexagon are the same blob at 32 px
     c = rng.uniform(r * 0.8, SIZE - r * 0.8, 2)
     m = _shape_mask(SHAPE_NAMES[label], c, r, rng.uniform(0, 2 * np.pi))
     img = R.composite(bg, m, R.contrasting_color(rng, bg.mean(axis=(0, 1)), 0.45))

@@ -145,7 +145,7 @@ def _train(model: VisionTransformer, init: StateDict, batches, heads: list[torch
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
