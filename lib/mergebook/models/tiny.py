@@ -42,9 +42,9 @@ class TinyConfig:
     n_train: int = 2000
     n_test: int = 1000
     n_val: int = 200
-    protos_per_class: int = 10
+    protos_per_class: int = 3
     data_seed: int = 0
-    ft_steps: int = 300
+    ft_steps: int = 400
     ft_batch: int = 64
     ft_lr: float = 3e-4
     ft_weight_decay: float = 0.1
