@@ -255,8 +255,12 @@ plt.close(fig)
 # ```
 
 # %%
-coefs = np.asarray(runs["Layer-wise AdaMerging"]["coefficients"])  # [L, K]
+coefs = np.asarray(runs["Layer-wise AdaMerging"]["coefficients"])  # [L, K], rows in layer_names(pre) order
 names = layer_names(pre)
+# safetensors files list tensors alphabetically; show the rows in the encoder's forward order instead
+forward = [k for k in suite.model.state_dict() if k in names]
+coefs = coefs[[names.index(k) for k in forward]]
+names = forward
 short = [n.replace("transformer.resblocks.", "b").replace(".weight", ".w").replace(".bias", ".b")
          .replace("vision_model.encoder.layers.", "b") for n in names]
 fig, ax = plt.subplots(figsize=(7.5, max(4, 0.12 * len(names))))
