@@ -68,6 +68,7 @@ if "google.colab" in sys.modules:  # Colab: install the library and the hub extr
                     "mergebook[hub] @ git+https://github.com/merging-reproduced/merging-reproduced"], check=True)
 
 import matplotlib.pyplot as plt
+from matplotlib import patheffects
 import numpy as np
 import pandas as pd
 import torch
@@ -171,10 +172,12 @@ plt.close(fig)
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
 cmap = plt.get_cmap("tab10")
+outline = [patheffects.Stroke(linewidth=5, foreground="black"), patheffects.Normal()]
 for ax, (name, df) in zip(axes, [("Task Arithmetic", ta), ("Ties-Merging (sum)", ties_sum)]):
     for i, t in enumerate(tasks):
-        ax.plot(df.index, df[t], color=cmap(i), label=t, lw=1.2)
-    ax.plot(df.index, df["avg"], color=plotting.color(name), lw=2.5, label="average")
+        ax.plot(df.index, df[t], color=cmap(i), label=t, lw=1.1, alpha=0.8)
+    # the average keeps its method colour; the black outline sets it apart from the task lines
+    ax.plot(df.index, df["avg"], color=plotting.color(name), lw=3, label="average", path_effects=outline)
     ax.set_title(name)
     ax.set_xlabel("scaling coefficient λ")
 axes[0].set_ylabel("test accuracy (%)")
