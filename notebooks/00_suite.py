@@ -117,7 +117,8 @@ if profile == "tiny":
             ax.grid(False)
             for s in ax.spines.values():
                 s.set_visible(False)
-            ax.set_title(suite.class_names[t][labels[c]], fontsize=6, pad=1)
+            name = suite.class_names[t][labels[c]]
+            ax.set_title(name if len(name) <= 10 else name[:9] + "…", fontsize=6, pad=1)
         axes[r, 0].set_ylabel(f"{t}\n({PAPER_ANALOGUE[t]})", fontsize=7, rotation=0, ha="right", va="center")
     glue("fig_samples", fig, display=False)
     plt.close(fig)
