@@ -257,7 +257,7 @@ plt.close(fig)
 # %%
 coefs = np.asarray(runs["Layer-wise AdaMerging"]["coefficients"])  # [L, K], rows in layer_names(pre) order
 names = layer_names(pre)
-# safetensors files list tensors alphabetically; show the rows in the encoder's forward order instead
+# safetensors files list tensors alphabetically; show the rows in the encoder's own state-dict order
 forward = [k for k in suite.model.state_dict() if k in names]
 coefs = coefs[[names.index(k) for k in forward]]
 names = forward
@@ -281,7 +281,7 @@ tw
 # :name: fig-layer-coefs
 #
 # Layer-wise AdaMerging's learned coefficients on the active profile: one row per parameter
-# tensor of the encoder (block `bN`, in forward order), one column per task vector; all started
+# tensor of the encoder (block `bN`, in the encoder's state-dict order), one column per task vector; all started
 # at 0.3.
 # ```
 #
