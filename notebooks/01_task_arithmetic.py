@@ -120,7 +120,7 @@ def frame(res: dict, split: str = "test") -> pd.DataFrame:
     df = pd.DataFrame({lam: r[split] for lam, r in res.items()}).T
     df.index = [float(i) for i in df.index]
     df.index.name = "λ"
-    return df[tasks + ["avg"]]
+    return df[tasks + ["avg"]].sort_index()
 
 
 ta = frame(sweeps["Task Arithmetic"])

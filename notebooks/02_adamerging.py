@@ -115,7 +115,7 @@ def _entropy_vs_loss():
 
 
 ent_loss = cached_result(suite, "entropy_vs_loss", {"lambda": ta_lambda}, _entropy_vs_loss)
-rho = pd.Series({t: spearmanr(v["entropy"], v["loss"]).statistic for t, v in ent_loss.items()})
+rho = pd.Series({t: spearmanr(ent_loss[t]["entropy"], ent_loss[t]["loss"]).statistic for t in tasks})
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 all_e = np.concatenate([ent_loss[t]["entropy"] for t in tasks])

@@ -168,9 +168,8 @@ table.round(1)
 # compares against, run with the same batch and one batch per task per step.
 
 # %%
-stats = runs["Concrete AdaMerging"]["mask_stats"] or runs["Concrete TA"]["mask_stats"]
 blocks = pd.DataFrame({name: {b: v["kept"] for b, v in runs[name]["mask_stats"]["per_block"].items()}
-                       for name in ["Concrete TA", "Concrete AdaMerging"] if runs[name]["mask_stats"]})
+                       for name in ["Concrete TA", "Concrete AdaMerging"] if runs[name]["mask_stats"]}).sort_index()
 fig, ax = plt.subplots(figsize=(7, 3.4))
 x = np.arange(len(blocks))
 for i, name in enumerate(blocks.columns):

@@ -194,8 +194,8 @@ fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
 for ax, order in zip(axes, ("top", "reverse")):
     for kind, method, label in [("centered", "CART", f"centered, λ={cart_lambda:g} (CART)"),
                                 ("original", "Task Arithmetic", f"original τ, λ={ta_lambda:g}")]:
-        c = sweep[f"{kind}|{order}"]
-        ax.plot([100 * float(r) for r in c], [v["avg"] for v in c.values()], "o-", color=plotting.color(method),
+        c = sorted(sweep[f"{kind}|{order}"].items(), key=lambda kv: float(kv[0]))
+        ax.plot([100 * float(r) for r, _ in c], [v["avg"] for _, v in c], "o-", color=plotting.color(method),
                 label=label, ms=4)
     ax.axhline(wa, color=plotting.color("Weight Averaging"), ls=":", label="weight averaging")
     ax.set_xscale("symlog", linthresh=3)
@@ -253,8 +253,8 @@ individual = cached_result(suite, "individual_avg", {}, lambda: float(np.mean(
     [accuracy(suite.model, suite.finetuned[t], suite.heads[t], suite.test[t]) for t in tasks])))
 fig, ax = plt.subplots(figsize=(5.5, 3.6))
 for kind, method in [("centered", "CART"), ("original", "Task Arithmetic")]:
-    c = routing[kind]
-    ax.plot([100 * float(r) for r in c], [v["avg"] for v in c.values()], "o-", color=plotting.color(method),
+    c = sorted(routing[kind].items(), key=lambda kv: float(kv[0]))
+    ax.plot([100 * float(r) for r, _ in c], [v["avg"] for _, v in c], "o-", color=plotting.color(method),
             label=f"{kind} vectors", ms=4)
 ax.axhline(individual, color=plotting.color("Individual"), ls=":", label="individual fine-tuned")
 ax.set_xscale("symlog", linthresh=3)

@@ -87,3 +87,10 @@ def test_keys_change_with_config_and_code():
     assert k1 == artifacts.make_key({"lr": 1e-3})
     assert k1 != artifacts.make_key({"lr": 2e-3})
     assert k1 != artifacts.make_key({"lr": 1e-3}, [a_module])
+
+
+def test_json_entries_keep_key_order(cache):
+    value = {"shapes": 1.0, "digits": 2.0, "avg": 1.5}
+    cache.json("r", "k", lambda: value)
+    again = cache.json("r", "k", lambda: {"never": 0})
+    assert list(again) == ["shapes", "digits", "avg"]

@@ -121,5 +121,7 @@ class Cache:
                 pass
         self._discard(path)
         value = build()
-        self._store(path, lambda p: p.write_text(json.dumps(value, indent=1, sort_keys=True)))
+        # keys keep their insertion order: chapters read tasks and grid points back in the order
+        # they were computed, so a cached result must not come back sorted
+        self._store(path, lambda p: p.write_text(json.dumps(value, indent=1)))
         return value
