@@ -480,7 +480,7 @@ class Recorder:
         desc: str = "adapt",
         eval_suite: Suite | None = None,
     ):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # console bars: tqdm.auto warns without ipywidgets in the book's kernels
 
         self.history = History(tasks=list(suite.tasks))
         self.suite = eval_suite or suite

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns without ipywidgets in the book's kernels
 
 from .. import artifacts
 from ..data import hub, templates

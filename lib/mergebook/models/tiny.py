@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns without ipywidgets in the book's kernels
 
 from .. import artifacts
 from ..data import render, tiny_suite

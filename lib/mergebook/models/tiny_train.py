@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns without ipywidgets in the book's kernels
 
 from ..artifacts import sha256_file
 from ..data import tiny_suite
