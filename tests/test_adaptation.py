@@ -21,16 +21,6 @@ from mergebook.models.vit import ViTConfig, VisionTransformer
 PICO = ViTConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2, output_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Pico tensors gain nothing from threads, and on a busy 2-core box OpenMP spinning makes
-    them 10-50x slower; restore the setting afterwards so other tests are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # A toy suite: tiny random ViT, fake fine-tuned weights, random-prototype heads
 # ----------------------------------------------------------------------------------------------

@@ -16,14 +16,6 @@ from mergebook.models.vit import ViTConfig, VisionTransformer
 from mergebook.statedict import load_state_dict, save_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def ckpts(tmp_path):
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ from mergebook.methods.concrete import (
     rescale_mask,
 )
 from tests.test_adaptation import (  # noqa: F401 (fixtures are used by name)
-    single_thread,
     task_vectors_local,
     toy_suite,
 )

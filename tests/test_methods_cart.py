@@ -11,14 +11,6 @@ from mergebook.statedict import float_keys
 WIDTH = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vit_models():
     torch.manual_seed(0)

@@ -12,14 +12,6 @@ from mergebook.methods import regmean as RM
 from mergebook.models.vit import ViTConfig, VisionTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -7,14 +7,6 @@ from mergebook.methods import combine, mask_and_rescale, merge
 from mergebook.statedict import layer_names, task_vectors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hand():
     pre = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([7])}
     fts = [{"w": torch.tensor([2.0, 2.0]), "n": torch.tensor([7])},

@@ -9,14 +9,6 @@ from mergebook.methods import ties as T
 from mergebook.statedict import TaskVectorView, flatten, task_vectors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def discrete(shape, gen, levels=9, zero_frac=0.1):
     """Values on a coarse grid (many exact ties), with exact zeros and negative zeros."""
     x = (torch.randint(-levels, levels + 1, shape, generator=gen).float() / 4).reshape(-1)

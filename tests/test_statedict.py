@@ -9,14 +9,6 @@ import torch
 from mergebook import statedict as S
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small():
     pre = {
         "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
