@@ -7,9 +7,10 @@
 #   make clean                     remove _build/ (keeps .venv and the cache .cache/mergebook/)
 #   make distclean                 also remove .venv
 #
-# The virtual environment is .venv; it is (re)installed when pyproject.toml changes, which a stamp
-# file named after pyproject's hash records. torch is pinned in pyproject (a CPU wheel here), and
-# it is installed in the same pip command as everything else, so nothing can pull another torch.
+# The virtual environment is .venv; it is (re)installed when pyproject.toml or the constraints
+# change, which a stamp file named after their hash records. The library declares the torch range it
+# supports; constraints/cpu.txt pins the CPU wheel (torch==2.13.0) for this one pip command, so
+# nothing can pull another torch here, while a GPU user's own torch is left alone.
 
 PYTHON ?= python3
 PROFILE ?= tiny
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 
 VENV := .venv
 VPY := $(VENV)/bin/python
-PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest()[:16])")
+PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read() + open('constraints/cpu.txt', 'rb').read()).hexdigest()[:16])")
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 
 .PHONY: book test venv clean distclean
@@ -33,7 +34,7 @@ venv: $(STAMP)
 
 $(STAMP):
 	@test -x $(VPY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	$(VPY) -m pip install --disable-pip-version-check -q -e '.[book,test]'
+	$(VPY) -m pip install --disable-pip-version-check -q -c constraints/cpu.txt -e '.[book,test,openclip]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
