@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +47,31 @@ def accuracy(
     logits = predict(model, state_dict, head, data.images)
     # test data may live on the CPU while the weights sit on a GPU (paper-scale test sets)
     return 100.0 * (logits.argmax(-1).cpu() == data.labels.cpu()).float().mean().item()
+
+
+def _split(suite: Suite, split: str) -> dict[str, TaskData]:
+    data = {"test": suite.test, "val": suite.val}.get(split)
+    if not data:
+        raise ValueError(f"split {split!r} is not available in this suite; use 'test' or 'val'")
+    return data
+
+
+def correctness(
+    suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None,
+    split: str = "test",
+) -> dict[str, np.ndarray]:
+    """Per-sample top-1 correctness (bool array, one entry per image in split order) of each task.
+
+    Its mean is :func:`evaluate`'s accuracy; bootstrap intervals (``mergebook.experiment``) need the
+    samples themselves.
+    """
+    tasks = list(tasks or suite.tasks)
+    data = _split(suite, split)
+    out = {}
+    for t in tasks:
+        logits = predict(suite.model, state_dict, suite.heads[t], data[t].images)
+        out[t] = (logits.argmax(-1).cpu() == data[t].labels.cpu()).numpy().astype(bool)
+    return out
 
 
 def evaluate(

@@ -1,0 +1,583 @@
+"""The experiment layer: bootstrap intervals, results frames, verdicts, and cached selection on val.
+
+A chapter's cells call these instead of defining helpers:
+
+* :func:`bootstrap_interval` / :func:`average_interval` turn per-sample correctness into a mean
+  with a 95% interval (a bootstrap over test images; stratified by task for the average);
+* :func:`results_frame` builds the method x (avg, lo, hi, tasks...) table and
+  :func:`format_frame` prints it as ``"72.5 [71.6, 73.4]"``;
+* :func:`greater`, :func:`less`, :func:`within`, :func:`all_of` are rules that decide a claim
+  *holds*, *partly holds* or *does not hold* from numbers with intervals; :func:`verdict_table`
+  lists claims with the rule text generated from the rule itself;
+* :func:`sweep` / :func:`select_on_val` run a cached grid of a merge method and choose the grid
+  point on the validation split (test labels are only used to score the choice).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+HOLDS, PARTLY, FAILS = "holds", "partly holds", "does not hold"
+VERDICTS = (HOLDS, PARTLY, FAILS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals
+# --------------------------------------------------------------------------------------------------
+class Interval(NamedTuple):
+    """A point estimate with its interval, in percent; ``label`` names it in generated rule text."""
+
+    mean: float
+    lo: float
+    hi: float
+    level: float = 0.95
+    label: str = ""
+
+    @classmethod
+    def point(cls, value: float, label: str = "") -> Interval:
+        """A number without uncertainty (a reported value, a threshold, a chosen λ)."""
+        v = float(value)
+        return cls(v, v, v, 1.0, label)
+
+    def named(self, label: str) -> Interval:
+        """The same interval under another label."""
+        return self._replace(label=label)
+
+    @property
+    def is_point(self) -> bool:
+        """True when the interval has zero width."""
+        return self.lo == self.hi
+
+    def format(self, digits: int = 1) -> str:
+        """``"72.5 [71.6, 73.4]"`` (just ``"72.5"`` for a point)."""
+        return format_interval(self.mean, self.lo, self.hi, digits)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def format_interval(mean: float, lo: float, hi: float, digits: int = 1) -> str:
+    """``"72.5 [71.6, 73.4]"``; a zero-width interval prints as its value, NaN as ``"–"``."""
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    m = f"{float(mean):.{digits}f}"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)) or lo == hi:
+        return m
+    return f"{m} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"
+
+
+def _as_correct(correct: Any, what: str = "correct") -> np.ndarray:
+    """Validate a per-sample correctness array (bool or 0/1) and return it as bool."""
+    a = np.asarray(correct)
+    if a.ndim != 1:
+        raise ValueError(f"{what}: expected a 1-d array of per-sample correctness, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{what}: no samples; pass one entry per test image (evaluate.correctness gives them)")
+    if a.dtype != bool:
+        if not np.isin(a, (0, 1)).all():
+            bad = a[~np.isin(a, (0, 1))][:3]
+            raise ValueError(f"{what}: correctness must be bool or 0/1, found values like {bad.tolist()}; "
+                             "pass predictions == labels, not accuracies or logits")
+        a = a.astype(bool)
+    return a
+
+
+def _check_level(level: float, n_boot: int) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), e.g. 0.95 for a 95% interval; got {level}")
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be a positive number of bootstrap resamples; got {n_boot}")
+
+
+def _boot_means(correct_by_task: Sequence[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates (percent) of the mean over tasks of per-task accuracy, shape [n_boot].
+
+    Resampling n binary outcomes with replacement and counting the ones is exactly a
+    Binomial(n, k/n) draw, so each task costs n_boot binomial draws instead of an n_boot x n index
+    matrix; tasks are resampled independently (a stratified bootstrap, since each task's test set
+    is fixed in size).
+    """
+    rng = np.random.default_rng(seed)
+    acc = np.zeros(int(n_boot))
+    for c in correct_by_task:
+        n = c.size
+        acc += rng.binomial(n, c.mean(), size=int(n_boot)) / n
+    return 100.0 * acc / len(correct_by_task)
+
+
+def _percentiles(reps: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(correct: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                       label: str = "") -> Interval:
+    """Accuracy (%) of one task's per-sample correctness with a percentile-bootstrap interval."""
+    _check_level(level, n_boot)
+    c = _as_correct(correct)
+    lo, hi = _percentiles(_boot_means([c], n_boot, seed), level)
+    return Interval(100.0 * float(c.mean()), lo, hi, level, label)
+
+
+def average_interval(correct_by_task: Mapping[str, Any], n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0, label: str = "") -> Interval:
+    """Mean over tasks of per-task accuracy (%), with a bootstrap interval stratified by task."""
+    _check_level(level, n_boot)
+    if not correct_by_task:
+        raise ValueError("average_interval: no tasks given; pass {task: per-sample correctness}")
+    cs = [_as_correct(v, f"task {t!r}") for t, v in correct_by_task.items()]
+    lo, hi = _percentiles(_boot_means(cs, n_boot, seed), level)
+    mean = 100.0 * float(np.mean([c.mean() for c in cs]))
+    return Interval(mean, lo, hi, level, label)
+
+
+def paired_difference_interval(a: Mapping[str, Any], b: Mapping[str, Any], n_boot: int = 2000,
+                               level: float = 0.95, seed: int = 0, label: str = "") -> Interval:
+    """Average accuracy of ``a`` minus ``b`` (points) on the same test images, paired bootstrap.
+
+    Both methods are scored on the same images, so resampling images jointly removes the
+    between-image variance that two separate intervals double count. Each image falls in one of
+    four (a right?, b right?) cells, so a resample of a task is one multinomial draw of cell counts.
+    """
+    _check_level(level, n_boot)
+    if set(a) != set(b):
+        raise ValueError(f"paired_difference_interval: tasks differ: {sorted(set(a) ^ set(b))} "
+                         "are in one method only; pass the same tasks for both")
+    if not a:
+        raise ValueError("paired_difference_interval: no tasks given")
+    rng = np.random.default_rng(seed)
+    diff = np.zeros(int(n_boot))
+    point = 0.0
+    for t in a:
+        ca, cb = _as_correct(a[t], f"task {t!r} (a)"), _as_correct(b[t], f"task {t!r} (b)")
+        if ca.size != cb.size:
+            raise ValueError(f"task {t!r}: {ca.size} samples for a but {cb.size} for b; a paired "
+                             "interval needs both scored on the same images")
+        n = ca.size
+        # cells: (a right, b wrong) adds +1, (a wrong, b right) adds -1, agreements add 0
+        p = np.array([np.sum(ca & ~cb), np.sum(~ca & cb), np.sum(ca == cb)], dtype=float) / n
+        counts = rng.multinomial(n, p, size=int(n_boot))
+        diff += (counts[:, 0] - counts[:, 1]) / n
+        point += (ca.mean() - cb.mean())
+    reps = 100.0 * diff / len(a)
+    lo, hi = _percentiles(reps, level)
+    return Interval(100.0 * point / len(a), lo, hi, level, label)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compact correctness for cached JSON results
+# --------------------------------------------------------------------------------------------------
+def pack_correct(correct: Any) -> str:
+    """Per-sample correctness as ``"<n>:<base64 bits>"`` (1000 images → 172 characters of JSON)."""
+    c = _as_correct(correct)
+    return f"{c.size}:{base64.b64encode(np.packbits(c).tobytes()).decode('ascii')}"
+
+
+def unpack_correct(packed: str | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_correct`; plain lists/arrays of 0/1 are accepted as they are."""
+    if not isinstance(packed, str):
+        return _as_correct(packed)
+    n_str, sep, data = packed.partition(":")
+    if not sep or not n_str.isdigit():
+        raise ValueError(f"not a packed correctness string (expected '<n>:<base64>'): {packed[:40]!r}")
+    n = int(n_str)
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(data), dtype=np.uint8))
+    if bits.size < n or bits.size - n >= 8:
+        raise ValueError(f"packed correctness says {n} samples but holds {bits.size} bits; the entry is corrupt")
+    return bits[:n].astype(bool)
+
+
+def pack_by_task(correct_by_task: Mapping[str, Any]) -> dict[str, str]:
+    """:func:`pack_correct` for every task."""
+    return {t: pack_correct(v) for t, v in correct_by_task.items()}
+
+
+def unpack_by_task(packed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:func:`unpack_correct` for every task."""
+    return {t: unpack_correct(v) for t, v in packed.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Results frames
+# --------------------------------------------------------------------------------------------------
+def results_frame(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str] | None = None, *,
+                  reported: Mapping[str, Mapping[str, float] | float | None] | None = None,
+                  n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Methods x [avg, lo, hi, (reported, Δ), tasks...] from per-sample correctness.
+
+    ``rows`` maps a method to ``{task: correctness}`` (bool arrays or packed strings). ``avg`` is the
+    mean over ``tasks`` of per-task accuracy and ``lo``/``hi`` its stratified bootstrap interval;
+    the per-task columns are accuracies (%). With ``reported`` (method → ``{"avg": v, task: v}`` or
+    a bare average), a ``reported`` column (the paper's average) and ``Δ`` (ours − reported) follow
+    ``hi``; methods without a reported number get NaN.
+    """
+    if not rows:
+        raise ValueError("results_frame: no rows; pass {method: {task: per-sample correctness}}")
+    if tasks is None:
+        tasks = list(next(iter(rows.values())))
+    tasks = list(tasks)
+    out = {}
+    for method, by_task in rows.items():
+        missing = [t for t in tasks if t not in by_task]
+        if missing:
+            raise KeyError(f"results_frame: method {method!r} has no correctness for tasks {missing}; "
+                           f"it has {list(by_task)}")
+        cs = {t: unpack_correct(by_task[t]) for t in tasks}
+        iv = average_interval(cs, n_boot=n_boot, level=level, seed=seed)
+        rec: dict[str, float] = {"avg": iv.mean, "lo": iv.lo, "hi": iv.hi}
+        if reported is not None:
+            rep = _reported_avg(reported.get(method))
+            rec["reported"] = rep
+            rec["Δ"] = iv.mean - rep
+        rec.update({t: 100.0 * float(cs[t].mean()) for t in tasks})
+        out[method] = rec
+    df = pd.DataFrame.from_dict(out, orient="index")
+    df.index.name = "method"
+    df.attrs["level"] = level
+    return df
+
+
+def _reported_avg(rep: Mapping[str, float] | float | None) -> float:
+    if rep is None:
+        return float("nan")
+    if isinstance(rep, Mapping):
+        for k in rep:
+            if k == "avg" or str(k).lower().startswith("av"):
+                return float(rep[k])
+        return float("nan")
+    return float(rep)
+
+
+def interleave_reported(frame: pd.DataFrame, reported: Mapping[str, Mapping[str, float] | None],
+                        suffix: str = "reported") -> pd.DataFrame:
+    """Put a ``"<method> · reported"`` row under each method, with the paper's per-task numbers.
+
+    ``reported[method]`` maps task (and ``"avg"``) to the paper's value; a method without a paper
+    row gets no reported row. The reported rows' ``lo``/``hi``/``Δ`` are NaN.
+    """
+    parts = []
+    for method, row in frame.iterrows():
+        parts.append(row.rename(method))
+        rep = reported.get(method)
+        if rep:
+            r = pd.Series(np.nan, index=frame.columns, name=f"{method} · {suffix}")
+            for k, v in rep.items():
+                col = "avg" if (k == "avg" or str(k).lower().startswith("av")) else k
+                if col in r.index:
+                    r[col] = float(v)
+            parts.append(r)
+    out = pd.DataFrame(parts)
+    out.index.name = frame.index.name
+    out.attrs.update(frame.attrs)
+    return out
+
+
+def format_frame(frame: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """Strings for display: ``avg`` becomes ``"72.5 [71.6, 73.4]"`` (``lo``/``hi`` folded in), NaN → ``"–"``."""
+    shown = frame.drop(columns=[c for c in ("lo", "hi") if c in frame.columns])
+    out = pd.DataFrame(index=frame.index, columns=shown.columns, dtype=object)
+    for c in shown.columns:
+        if c == "avg" and {"lo", "hi"} <= set(frame.columns):
+            out[c] = [format_interval(m, lo, hi, digits)
+                      for m, lo, hi in zip(frame["avg"], frame["lo"], frame["hi"])]
+        elif c == "Δ":
+            out[c] = ["–" if not np.isfinite(v) else f"{v:+.{digits}f}" for v in frame[c]]
+        else:
+            out[c] = [_fmt(v, digits) for v in frame[c]]
+    if "avg" in out.columns and {"lo", "hi"} <= set(frame.columns):
+        level = frame.attrs.get("level", 0.95)
+        out = out.rename(columns={"avg": f"avg [{100 * level:g}% CI]"})
+    return out
+
+
+def _fmt(v: Any, digits: int) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "–" if not np.isfinite(f) else f"{f:.{digits}f}"
+
+
+def row_interval(frame: pd.DataFrame, method: str, label: str | None = None) -> Interval:
+    """The (avg, lo, hi) of one method of a :func:`results_frame` as an :class:`Interval`."""
+    if method not in frame.index:
+        raise KeyError(f"no method {method!r} in the frame; it has {list(frame.index)}")
+    r = frame.loc[method]
+    return Interval(float(r["avg"]), float(r["lo"]), float(r["hi"]), frame.attrs.get("level", 0.95),
+                    method if label is None else label)
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------------
+Number = Interval | float | int
+
+
+def _iv(x: Number) -> Interval:
+    if isinstance(x, Interval):
+        return x
+    if isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool):
+        return Interval.point(float(x))
+    raise TypeError(f"a rule compares Intervals or numbers, got {type(x).__name__}: {x!r}")
+
+
+def _name(x: Interval) -> str:
+    return x.label or f"{x.mean:g}"
+
+
+def _level_text(*xs: Interval) -> str:
+    levels = {x.level for x in xs if not x.is_point}
+    return "/".join(f"{100 * lv:g}%" for lv in sorted(levels)) or ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A decision rule over numbers with intervals: its generated text, verdict and our numbers."""
+
+    text: str
+    verdict: str
+    ours: str
+    check_points: Callable[[Sequence[float]], bool] = field(repr=False, compare=False)
+    arity: int = 2
+    expr: str = ""  # the bare comparison, e.g. "TA > WA" (all_of joins these)
+    levels: str = ""  # "95%" when an operand carries an interval, "" for plain numbers
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+def _decide(sure: bool, point: bool) -> str:
+    return HOLDS if sure else (PARTLY if point else FAILS)
+
+
+def _rule_text(expr: str, *xs: Interval, sure: str = "intervals apart") -> str:
+    """``expr``, plus how intervals decide it when any operand has one (generated, never typed)."""
+    lv = _level_text(*xs)
+    return f"{expr} (holds: {lv} {sure}; partly: point estimates only)" if lv else expr
+
+
+def greater(a: Number, b: Number, margin: float = 0.0) -> Rule:
+    """``a > b (+ margin)``: holds if a's interval lies wholly above b's, partly if only the means do."""
+    a, b = _iv(a), _iv(b)
+    m = f" + {margin:g}" if margin else ""
+    sure = a.lo > b.hi + margin
+    point = a.mean > b.mean + margin
+    expr = f"{_name(a)} > {_name(b)}{m}"
+    return Rule(_rule_text(expr, a, b), _decide(sure, point), f"{a.format()} vs {b.format()}",
+                lambda v: v[0] > v[1] + margin, 2, expr, _level_text(a, b))
+
+
+def less(a: Number, b: Number, margin: float = 0.0) -> Rule:
+    """``a < b (− margin)``: holds if a's interval lies wholly below b's, partly if only the means do."""
+    a, b = _iv(a), _iv(b)
+    m = f" − {margin:g}" if margin else ""
+    sure = a.hi < b.lo - margin
+    point = a.mean < b.mean - margin
+    expr = f"{_name(a)} < {_name(b)}{m}"
+    return Rule(_rule_text(expr, a, b), _decide(sure, point), f"{a.format()} vs {b.format()}",
+                lambda v: v[0] < v[1] - margin, 2, expr, _level_text(a, b))
+
+
+def within(a: Number, b: Number, tol: float) -> Rule:
+    """``|a − b| ≤ tol``: holds if a's whole interval is within tol of b's, partly if the means are."""
+    if not tol >= 0:
+        raise ValueError(f"within: tol must be a number ≥ 0, got {tol}")
+    a, b = _iv(a), _iv(b)
+    sure = (a.lo >= b.hi - tol) and (a.hi <= b.lo + tol)
+    point = abs(a.mean - b.mean) <= tol
+    expr = f"|{_name(a)} − {_name(b)}| ≤ {tol:g}"
+    return Rule(_rule_text(expr, a, b, sure="interval within tol"), _decide(sure, point),
+                f"{a.format()} vs {b.format()}", lambda v: abs(v[0] - v[1]) <= tol, 2, expr, _level_text(a, b))
+
+
+def all_of(*rules: Rule) -> Rule:
+    """Every part must hold: holds if all hold, partly if all at least partly hold, else does not hold."""
+    if not rules:
+        raise ValueError("all_of needs at least one rule")
+    vs = [r.verdict for r in rules]
+    verdict = HOLDS if all(v == HOLDS for v in vs) else (PARTLY if FAILS not in vs else FAILS)
+    expr = " and ".join(r.expr or r.text for r in rules)
+    levels = "/".join(sorted({r.levels for r in rules if r.levels}))
+    text = (f"{expr} (holds: every part holds by its {levels} intervals; partly: every part "
+            "at least by point estimates)" if levels else expr)
+    arities = [r.arity for r in rules]
+
+    def check(v: Sequence[float]) -> bool:
+        i, ok = 0, True
+        for r, k in zip(rules, arities):
+            ok = ok and r.check_points(v[i:i + k])
+            i += k
+        return ok
+
+    return Rule(text, verdict, "; ".join(r.ours for r in rules), check, sum(arities), expr, levels)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper, the rule that decides it on our numbers, and the paper's own numbers."""
+
+    claim: str
+    rule: Rule
+    reported: Sequence[float] | str | None = None
+
+    def reported_text(self) -> str:
+        """The paper's numbers, and whether they satisfy the rule's point comparison."""
+        rep = self.reported
+        if rep is None:
+            return "–"
+        if isinstance(rep, str):
+            return rep
+        vals = [float(v) for v in rep]
+        shown = " vs ".join(f"{v:g}" for v in vals)
+        if len(vals) != self.rule.arity or not all(np.isfinite(vals)):
+            return shown
+        return f"{shown} ({HOLDS if self.rule.check_points(vals) else FAILS})"
+
+
+def verdict(claim: str, rule: Rule, reported: Sequence[float] | str | None = None) -> Claim:
+    """A :class:`Claim` (shorthand for the constructor)."""
+    return Claim(claim, rule, reported)
+
+
+def verdict_table(claims: Sequence[Claim]) -> pd.DataFrame:
+    """Columns claim, rule, ours, reported, verdict: one row per claim, in the given order."""
+    if not claims:
+        raise ValueError("verdict_table: no claims given")
+    return pd.DataFrame([{"claim": c.claim, "rule": c.rule.text, "ours": c.rule.ours,
+                          "reported": c.reported_text(), "verdict": c.rule.verdict} for c in claims])
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached sweeps and selection on the validation split
+# --------------------------------------------------------------------------------------------------
+def grid_key(point: float | Mapping[str, Any]) -> str:
+    """The key of one grid point in a sweep result: ``"0.3"``, or ``"k=0.2,scaling_coef=0.3"``."""
+    if isinstance(point, Mapping):
+        return ",".join(f"{k}={_g(v)}" for k, v in point.items())
+    return _g(point)
+
+
+def _g(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def sweep(suite: Any, method: str, grid: Sequence[float] | Sequence[Mapping[str, Any]], *,
+          param: str = "scaling_coef", name: str | None = None, pretrained: Any = None,
+          finetuned: Any = None, **params: Any) -> dict[str, dict[str, Any]]:
+    """Merge with ``method`` at every grid point and score on val and test (cached).
+
+    A grid point is a value of ``param`` (default the scaling coefficient λ) or a dict of
+    parameters. The result maps :func:`grid_key` of each point to ``{"test": accuracies,
+    "val": accuracies, "test_correct": packed per-sample correctness}``; accuracies are
+    :func:`mergebook.evaluate.evaluate` dicts (per task and ``"avg"``). The cache entry is named
+    ``sweep-<method>`` (or ``name``) and keyed by the grid and ``params``.
+    """
+    from .evaluate import correctness, evaluate
+    from .methods import merge
+    from .results import cached_result
+
+    grid = list(grid)
+    if not grid:
+        raise ValueError(f"sweep({method!r}): empty grid; pass the values of {param!r} to try")
+    keys = [grid_key(p) for p in grid]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"sweep({method!r}): repeated grid points {sorted(k for k in keys if keys.count(k) > 1)}")
+    pre = suite.pretrained if pretrained is None else pretrained
+    fts = suite.finetuned_list() if finetuned is None else finetuned
+    tasks = list(suite.tasks)
+
+    def compute() -> dict[str, Any]:
+        out = {}
+        for key, p in zip(keys, grid):
+            kw = dict(p) if isinstance(p, Mapping) else {param: p}
+            sd = merge(method, pre, fts, **params, **kw)
+            correct = correctness(suite, sd, tasks)
+            test = {t: 100.0 * float(correct[t].mean()) for t in tasks}
+            test["avg"] = float(np.mean([test[t] for t in tasks]))
+            out[key] = {"test": test, "val": evaluate(suite, sd, tasks, split="val"),
+                        "test_correct": pack_by_task(correct)}
+        return out
+
+    # the default key matches the chapters' earlier in-cell sweep: {"grid": grid, **params}
+    return cached_result(suite, name or f"sweep-{method}", {"grid": grid, **params}, compute)
+
+
+def sweep_frame(result: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], split: str = "test",
+                index_name: str = "λ") -> pd.DataFrame:
+    """A sweep result as grid point x (tasks..., avg); numeric grid keys become a sorted float index."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    df = pd.DataFrame({k: r[split] for k, r in result.items()}).T
+    try:
+        df.index = [float(i) for i in df.index]
+        df = df.sort_index()
+    except ValueError:  # dict-valued grid points keep their grid order
+        pass
+    df.index.name = index_name
+    return df[list(tasks) + ["avg"]]
+
+
+def best_on_val(result: Mapping[str, Mapping[str, Any]]) -> str:
+    """The grid key with the highest validation average (the first one on ties, in grid order)."""
+    if not result:
+        raise ValueError("best_on_val: empty sweep result")
+    return max(result, key=lambda k: result[k]["val"]["avg"])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The grid point chosen on val, with its test accuracies and per-sample test correctness."""
+
+    key: str
+    val_avg: float
+    test: dict[str, float]
+    correct: dict[str, np.ndarray]
+
+    @property
+    def value(self) -> float:
+        """The chosen value as a number (for a one-parameter grid)."""
+        return float(self.key)
+
+
+def select_on_val(result: Mapping[str, Mapping[str, Any]]) -> Selection:
+    """Choose the grid point of a :func:`sweep` result by validation average; score it on test."""
+    key = best_on_val(result)
+    r = result[key]
+    correct = unpack_by_task(r["test_correct"]) if "test_correct" in r else {}
+    return Selection(key, float(r["val"]["avg"]), dict(r["test"]), correct)
+
+
+def sweep_correct(result: Mapping[str, Mapping[str, Any]], key: float | str) -> dict[str, np.ndarray]:
+    """Per-sample test correctness of one grid point of a :func:`sweep` result."""
+    k = key if isinstance(key, str) else grid_key(key)
+    if k not in result:
+        raise KeyError(f"grid point {k!r} is not in this sweep; it has {list(result)}")
+    return unpack_by_task(result[k]["test_correct"])
+
+
+def scored(suite: Any, state_dict: Any, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{"accuracy": evaluate-style dict, "correct": packed per-sample correctness}`` on test."""
+    from .evaluate import correctness
+
+    tasks = list(tasks or suite.tasks)
+    c = correctness(suite, state_dict, tasks)
+    acc = {t: 100.0 * float(c[t].mean()) for t in tasks}
+    acc["avg"] = float(np.mean([acc[t] for t in tasks]))
+    return {"accuracy": acc, "correct": pack_by_task(c)}
+
+
+__all__ = [
+    "FAILS", "HOLDS", "PARTLY", "Claim", "Interval", "Rule", "Selection", "all_of", "average_interval",
+    "best_on_val", "bootstrap_interval", "format_frame", "format_interval", "grid_key", "greater",
+    "interleave_reported", "less", "pack_by_task", "pack_correct", "paired_difference_interval",
+    "results_frame", "row_interval", "scored", "select_on_val", "sweep", "sweep_correct", "sweep_frame",
+    "unpack_by_task", "unpack_correct", "verdict", "verdict_table", "within",
+]
