@@ -34,7 +34,7 @@ venv: $(STAMP)
 
 $(STAMP):
 	@test -x $(VPY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	$(VPY) -m pip install --disable-pip-version-check -q -c constraints/cpu.txt -e '.[book,test,openclip]'
+	$(VPY) -m pip install --disable-pip-version-check -q -c constraints/cpu.txt -e '.[book,test]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -44,6 +44,17 @@ def suite(tiny_hub, tmp_path_factory):
     return _load(tiny_hub, tmp_path_factory.mktemp("cache"))
 
 
+def _vision_config(suite):
+    from transformers import CLIPConfig
+
+    import copy
+
+    cfg = CLIPConfig.from_pretrained(suite.meta.get("pretrained_dir"))
+    v = copy.deepcopy(cfg.vision_config)
+    v.projection_dim = cfg.projection_dim
+    return v
+
+
 def _images(n=5, seed=0):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -87,21 +98,37 @@ def test_unknown_task_is_an_error_listing_the_known_ones_before_any_download(tin
 # --- state dicts and the architecture -----------------------------------------------------------
 
 
-def test_state_dicts_have_hf_vision_keys_shapes_and_only_floating_tensors(suite):
+def test_suites_hold_the_canonical_open_clip_layout_with_only_floating_tensors(suite):
     model_sd = suite.model.state_dict()
     assert list(suite.pretrained) == [k for k, v in model_sd.items() if v.is_floating_point()]
-    assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in suite.pretrained
-    assert suite.pretrained["visual_projection.weight"].shape == (16, 32)
-    assert len(suite.pretrained) == 7 + 16 * N_LAYERS + 1  # embeddings, norms, layers, projection
+    assert suite.pretrained["transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 32, 32)  # q, k, v fused
+    assert suite.pretrained["proj"].shape == (32, 16)  # visual_projection.weight transposed
+    assert len(suite.pretrained) == 8 + 12 * N_LAYERS  # open_clip's count: 152 for ViT-B/32
     assert not any("position_ids" in k or "pixel_" in k for k in suite.pretrained)
+    assert suite.meta["layout"] == "openclip" and suite.meta["layout_info"].layout == "hf_clip"
     for sd in [suite.pretrained, *suite.finetuned.values()]:
         assert list(sd) == list(suite.pretrained)
         assert all(v.dtype == torch.float32 and v.shape == suite.pretrained[k].shape for k, v in sd.items())
 
 
+def test_val_split_is_held_out_from_train_as_task_vectors_does(suite, tiny_hub):
+    n_train = len(tiny_hub.datasets["ylecun/mnist"]["train"])
+    held = clip_hf.heldout_val_indices(n_train)
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).tolist()
+    assert held == perm[n_train - min(int(0.1 * n_train), 5000):] and len(held) == 3
+    assert clip_hf.heldout_val_indices(100_000)[:3] == torch.randperm(
+        100_000, generator=torch.Generator().manual_seed(0)).tolist()[95_000:95_003]  # capped at 5000
+    for t in TASKS:
+        labels = tiny_hub.datasets[hub.hub_task(t).dataset]["train"]["label"]
+        assert suite.val[t].labels.tolist() == [labels[i] for i in sorted(held)] or \
+            suite.val[t].labels.tolist() == [labels[i] for i in held]
+
+
 def test_integer_position_ids_stay_out_even_when_a_checkpoint_stores_them(suite):
-    shapes = clip_hf.float_shapes(suite.model)
-    raw = {k: v.clone() for k, v in suite.pretrained.items()}
+    from mergebook import layout
+
+    shapes = clip_hf.hf_vision_shapes(_vision_config(suite))
+    raw = {k: v.clone() for k, v in layout.canonical_to_hf(suite.pretrained).items()}
     raw["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)  # as old transformers saved
     raw["text_model.embeddings.position_ids"] = torch.arange(7).unsqueeze(0)
     sd = clip_hf.vision_state_dict(raw, shapes, "old checkpoint")
@@ -111,9 +138,9 @@ def test_integer_position_ids_stay_out_even_when_a_checkpoint_stores_them(suite)
 def test_finetuned_towers_differ_from_pretrained_and_projectionless_ones_reuse_its_projection(suite):
     for task in TASKS:
         ft, pre = suite.finetuned[task], suite.pretrained
-        fc1 = "vision_model.encoder.layers.1.mlp.fc1.weight"
+        fc1 = "transformer.resblocks.1.mlp.c_fc.weight"
         assert not torch.equal(ft[fc1], pre[fc1])
-        proj_same = torch.equal(ft["visual_projection.weight"], pre["visual_projection.weight"])
+        proj_same = torch.equal(ft["proj"], pre["proj"])
         assert proj_same == (FORMATS[task] != "vision_with_projection"), task
     reused = sorted(t for t in TASKS if FORMATS[t] != "vision_with_projection")
     assert sorted(suite.meta["projection_from_pretrained"]) == reused
@@ -144,11 +171,12 @@ def test_uint8_images_are_normalised_inside_the_model_to_the_same_embeddings(sui
         torch.testing.assert_close(suite.model(u8), suite.model(hub.normalize(u8, prep)))
 
 
-def test_matrix_keys_name_every_attention_and_mlp_weight(suite):
-    matrices = [k for k in suite.pretrained if clip_hf.is_matrix_key(k)]
-    assert len(matrices) == len(clip_hf.HF_CLIP_MATRIX_KEYS) * N_LAYERS
-    assert all(suite.pretrained[k].ndim == 2 for k in matrices)
-    layer_2d = {k for k, v in suite.pretrained.items() if ".layers." in k and v.ndim == 2}
+def test_cart_matrices_are_the_four_per_block_weights_of_the_canonical_layout(suite):
+    from mergebook.methods.cart import default_matrix_rule
+
+    matrices = [k for k, v in suite.pretrained.items() if default_matrix_rule(k, v)]
+    assert len(matrices) == 4 * N_LAYERS  # in_proj (q, k, v as one), out_proj, c_fc, c_proj
+    layer_2d = {k for k, v in suite.pretrained.items() if ".resblocks." in k and v.ndim == 2}
     assert layer_2d == set(matrices)
 
 
@@ -194,7 +222,7 @@ def test_test_images_are_preprocessed_like_the_clip_image_processor(suite, tiny_
     keep = ("size", "crop_size", "resample", "image_mean", "image_std", "do_center_crop", "do_resize",
             "do_normalize")
     processor = Processor(**{k: config[k] for k in keep})
-    ds = tiny_hub.datasets["ylecun/mnist"]
+    ds = tiny_hub.datasets["ylecun/mnist"]["test"]
     ref = torch.cat([torch.as_tensor(processor(images=[row["image"]], return_tensors="np")["pixel_values"])
                      for row in ds])
     torch.testing.assert_close(suite.test["MNIST"].images, ref, atol=1e-5, rtol=1e-5)
@@ -228,15 +256,15 @@ def test_second_load_reuses_cached_heads_and_test_sets(tiny_hub, tmp_path, monke
 
     n0 = datasets_asked()
     first = _load(tiny_hub, tmp_path, n_test=6)
-    assert len(built) == 1 and datasets_asked() - n0 == len(TASKS)
+    assert len(built) == 1 and datasets_asked() - n0 == 2 * len(TASKS)  # test and train (for val) splits
     second = _load(tiny_hub, tmp_path, n_test=6)
-    assert len(built) == 1 and datasets_asked() - n0 == len(TASKS)  # nothing rebuilt
+    assert len(built) == 1 and datasets_asked() - n0 == 2 * len(TASKS)  # nothing rebuilt
     for t in TASKS:
         assert torch.equal(first.heads[t], second.heads[t])
         assert torch.equal(first.test[t].images, second.test[t].images) and len(second.test[t]) == 6
 
-    third = _load(tiny_hub, tmp_path, n_test=4)  # another subset: images rebuilt, heads reused
-    assert len(built) == 1 and datasets_asked() - n0 == 2 * len(TASKS) and len(third.test["MNIST"]) == 4
+    third = _load(tiny_hub, tmp_path, n_test=4)  # another test subset: test images rebuilt, heads and val reused
+    assert len(built) == 1 and datasets_asked() - n0 == 3 * len(TASKS) and len(third.test["MNIST"]) == 4
 
 
 def test_uint8_option_keeps_crops_and_evaluates_like_float(tiny_hub, tmp_path, suite):

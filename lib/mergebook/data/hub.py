@@ -197,14 +197,14 @@ def num_classes(dataset: Any, task: HubTask) -> int | None:
 
 def preprocess_split(
     dataset: Any, task: HubTask, prep: Preprocess, n_max: int | None = None, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, what: str = "test",
 ) -> dict[str, torch.Tensor]:
     """uint8 crops ``[N, 3, crop, crop]`` and int64 labels of (a seeded subset of) a split."""
     idx = subset_indices(len(dataset), n_max, seed)
     rows = dataset.select(idx) if hasattr(dataset, "select") else [dataset[i] for i in idx]
     images = torch.empty((len(idx), 3, prep.crop, prep.crop), dtype=torch.uint8)
     labels = torch.empty(len(idx), dtype=torch.int64)
-    bar = tqdm(rows, total=len(idx), desc=f"{task.name} test images", disable=not progress, leave=False)
+    bar = tqdm(rows, total=len(idx), desc=f"{task.name} {what} images", disable=not progress, leave=False)
     for i, row in enumerate(bar):
         images[i] = torch.from_numpy(crop_uint8(row[task.image_column], prep))
         labels[i] = int(row[task.label_column])

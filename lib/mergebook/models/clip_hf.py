@@ -10,14 +10,22 @@ Pipeline (hub downloads go to the Hugging Face cache; heads and test images are 
 3. zero-shot heads, built as task_vectors builds them (see :mod:`mergebook.data.templates`);
 4. the test split of every task from the hub, preprocessed like ``CLIPImageProcessor``.
 
-State dicts use the transformers key names (``vision_model.encoder.layers.{i}.self_attn.q_proj.weight``,
-..., ``visual_projection.weight``) and hold only floating tensors: the integer ``position_ids``
-buffers are left out, so task vectors never see them. FusionBench loads its fine-tuned checkpoints
-as ``CLIPVisionModel`` towers, without the projection (its fine-tuning keeps the projection frozen),
-so their state dicts carry the pretrained ``visual_projection.weight`` and its task vector is zero;
-a checkpoint that does hold a projection keeps its own. An
-image tower has 200 tensors for the ViT-B models (199 plus the projection) and 392 for ViT-L/14,
-more than the open_clip count behind AdaMerging's "158 x 8", because HF keeps Q, K and V apart.
+Checkpoints arrive with the transformers key names (``vision_model.encoder.layers.{i}.self_attn.
+q_proj.weight``, ..., ``visual_projection.weight``) and are converted on load, exactly, to the one
+canonical layout of this library, open_clip's visual tower (:mod:`mergebook.layout`: Q, K and V
+fused into ``attn.in_proj_weight``, ``mlp.c_fc``/``c_proj``, ``proj``), which
+:class:`mergebook.models.vit.VisionTransformer` runs. So every per-matrix rule (CART's four
+matrices, Ties' global trim, AdaMerging's one coefficient per tensor: 152 for ViT-B/32, as the
+original) is the same rule on every backend. Only floating tensors are kept: the integer
+``position_ids`` buffers are left out, so task vectors never see them. FusionBench loads its
+fine-tuned checkpoints as ``CLIPVisionModel`` towers, without the projection (its fine-tuning keeps
+the projection frozen), so their state dicts carry the pretrained projection and its task vector is
+zero; a checkpoint that does hold a projection keeps its own. ``suite.meta["layout_info"]`` records
+how to write merged weights back in transformers' names (:func:`mergebook.layout.from_canonical`).
+
+Validation split: held out from the train split as task_vectors holds it out (``torch.utils.data.
+random_split`` with ``torch.Generator().manual_seed(0)``: the last ``min(int(0.1·N), 5000)``
+indices of a seeded permutation), then a seeded subset of ``n_val`` of them for speed.
 
 Loading is safe: weights are read with ``safetensors`` where a checkpoint has them, else with
 ``torch.load(weights_only=True)``, which refuses to unpickle anything but tensors.
@@ -43,13 +51,16 @@ from tqdm import tqdm  # console bars: tqdm.auto warns without ipywidgets in the
 from .. import artifacts
 from ..data import hub, templates
 from ..data.hub import HubTask, HubUnavailableError, Preprocess  # noqa: F401  (re-exported)
+from .. import layout as L
 from .suite import Suite, TaskData
+from .vit import ViTConfig, VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
 
-#: Suffixes of the attention and MLP weight matrices of HF CLIP. HF keeps Q, K and V as separate
-#: projections, where open_clip stacks them in one ``in_proj_weight``; pass these as CART's matrix
-#: rule (``key.endswith(HF_CLIP_MATRIX_KEYS)``), which then truncates Q, K and V one SVD each.
+#: Suffixes of the attention and MLP weight matrices of HF CLIP, as the checkpoints name them.
+#: Suites hold the canonical layout, where these are ``attn.in_proj_weight`` (Q, K and V fused),
+#: ``attn.out_proj.weight``, ``mlp.c_fc.weight`` and ``mlp.c_proj.weight``
+#: (:func:`mergebook.layout.canonical_suffixes` translates).
 HF_CLIP_MATRIX_KEYS = (
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
     "self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight",
@@ -64,7 +75,7 @@ class CheckpointError(ValueError):
 
 
 def is_matrix_key(key: str) -> bool:
-    """Whether ``key`` is an attention or MLP weight matrix (CART's low-rank targets)."""
+    """Whether an HF-named ``key`` is an attention or MLP weight matrix (CART's low-rank targets)."""
     return key.endswith(HF_CLIP_MATRIX_KEYS)
 
 
@@ -73,35 +84,37 @@ def finetuned_id(model_id: str, task: str) -> str:
     return f"{FINETUNED_OWNER}/{model_id.rsplit('/', 1)[-1]}_{hub.hub_task(task).key}"
 
 
-class CLIPImageEncoder(nn.Module):
-    """CLIP's image tower under the transformers key names, returning projected image embeddings.
+class CLIPVisionEncoder(VisionTransformer):
+    """CLIP's image tower in the canonical (open_clip) layout, returning projected image embeddings.
 
-    ``forward(images)`` is open_clip's ``encode_image``: the pooled, layer-normed class token
-    times ``visual_projection``. Float images are taken as already normalised; uint8 images are
-    scaled and normalised inside with the processor's mean and std (non-persistent buffers, never
-    in a state dict). Inputs move to the weights' device, so test sets may stay on the CPU.
+    ``forward(images)`` is open_clip's ``encode_image``. Float images are taken as already
+    normalised; uint8 images are scaled and normalised inside with the processor's mean and std
+    (non-persistent buffers, never in a state dict). Inputs move to the weights' device, so test
+    sets may stay on the CPU.
     """
 
-    def __init__(self, config: Any, preprocess: Preprocess | None = None):
-        super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
-        hf = CLIPVisionModelWithProjection(config)
-        self.config = config
-        self.vision_model = hf.vision_model
-        self.visual_projection = hf.visual_projection
+    def __init__(self, config: ViTConfig, preprocess: Preprocess | None = None):
+        super().__init__(config)
         prep = preprocess or Preprocess(resize=config.image_size, crop=config.image_size)
         self.register_buffer("pixel_mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        weight = self.visual_projection.weight
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        weight = self.proj
         images = images.to(weight.device)
         if images.dtype == torch.uint8:
             mean, std = self.pixel_mean.to(weight.device), self.pixel_std.to(weight.device)
             images = (images.float() / 255.0 - mean) / std
-        pooled = self.vision_model(pixel_values=images.to(weight.dtype)).pooler_output
-        return self.visual_projection(pooled)
+        return super().forward(images.to(weight.dtype))
+
+
+def hf_vision_shapes(vision_config: Any) -> dict[str, torch.Size]:
+    """Float tensor shapes of transformers' ``CLIPVisionModelWithProjection`` (built on the meta device)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        hf = CLIPVisionModelWithProjection(vision_config)
+    return {k: v.shape for k, v in hf.state_dict().items() if v.is_floating_point()}
 
 
 def float_shapes(model: nn.Module) -> dict[str, torch.Size]:
@@ -243,6 +256,26 @@ def zero_shot_head(text_model: nn.Module, tokenizer: Any, classnames: list[str],
 # The Suite
 
 
+VAL_FRACTION = 0.1
+VAL_MAX = 5000
+VAL_SEED = 0
+
+
+def heldout_val_indices(n_train: int, fraction: float = VAL_FRACTION, max_samples: int = VAL_MAX,
+                        seed: int = VAL_SEED) -> list[int]:
+    """Indices of the train split that task_vectors holds out for validation.
+
+    ``split_train_into_train_val`` in mlfoundations/task_vectors: ``val_size = min(int(N·fraction),
+    max_samples)``, then ``torch.utils.data.random_split(train, [N − val_size, val_size],
+    generator=torch.Generator().manual_seed(seed))``, whose val part is the tail of
+    ``torch.randperm(N, generator=...)``. (The hub copies may order their rows differently from
+    torchvision's folders, so the procedure, not the exact images, is what is reproduced.)
+    """
+    val_size = min(int(n_train * fraction), max_samples)
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[n_train - val_size:]
+
+
 def load_suite(
     profile: Any,
     device: str = "cpu",
@@ -250,39 +283,42 @@ def load_suite(
     cache_dir: str | Path | None = None,
     n_test: int | None = None,
     *,
+    n_val: int | None = 1000,
     seed: int = 0,
     data_device: str = "cpu",
     uint8_images: bool = False,
     model_source: Callable[[str], str | Path] | None = None,
-    dataset_loader: Callable[[HubTask], Any] | None = None,
+    dataset_loader: Callable[[HubTask, str], Any] | None = None,
     cache: artifacts.Cache | None = None,
     finetuned_ids: Mapping[str, str] | None = None,
     text_batch_size: int = 256,
 ) -> Suite:
-    """The Suite of a CLIP profile: hub checkpoints, zero-shot heads and preprocessed test sets.
+    """The Suite of a CLIP profile: hub checkpoints (canonical layout), zero-shot heads, val and test sets.
 
     Args:
         profile: a :class:`~mergebook.profiles.Profile` (backend ``clip_hf``) or its name.
         device: where the architecture, state dicts and heads live.
-        progress: show tqdm bars while checkpoints load and test sets are embedded.
+        progress: show tqdm bars while checkpoints load and images are preprocessed.
         cache_dir: the Hugging Face cache for downloads (default: the usual one under ``$HF_HOME``).
         n_test: at most this many test images per task, a seeded random subset (None: all of them;
             the eight full test sets are ~87k images, ~52 GB as float32 at 224 px, ~13 GB as uint8).
-        seed: seed of that subset.
-        data_device: where test images and labels live (CPU by default; the model moves batches).
-        uint8_images: keep test images as uint8 crops (4x less memory); the model normalises
-            them itself. The default is normalised float32, as the Suite documents.
+        n_val: at most this many images of each task's held-out validation split
+            (:func:`heldout_val_indices`), a seeded subset (None: all, up to 5000 per task).
+        seed: seed of those subsets.
+        data_device: where images and labels live (CPU by default; the model moves batches).
+        uint8_images: keep images as uint8 crops (4x less memory); the model normalises them
+            itself. The default is normalised float32, as the Suite documents.
         model_source: maps a hub model id to a local checkpoint directory (default: download it
-            with :func:`hub_snapshot`); tests and air-gapped machines pass their own.
-        dataset_loader: maps a :class:`~mergebook.data.hub.HubTask` to its test split, a sequence
-            of ``{"image": PIL, "label": int}`` rows such as a ``datasets.Dataset`` (default:
-            :func:`mergebook.data.hub.load_split`).
-        cache: where heads and test tensors are cached (default: ``Cache(profile.name)``).
+            with :func:`hub_snapshot`); tests, ``hub-pico`` and air-gapped machines pass their own.
+        dataset_loader: maps a :class:`~mergebook.data.hub.HubTask` and a split name (``"test"`` or
+            ``"train"``) to a sequence of ``{"image": PIL, "label": int}`` rows such as a
+            ``datasets.Dataset`` (default: :func:`mergebook.data.hub.load_split`).
+        cache: where heads and image tensors are cached (default: ``Cache(profile.name)``).
         finetuned_ids: per task, a hub id replacing FusionBench's ``tanganke/<arch>_<key>``.
         text_batch_size: prompts per text-tower batch when building heads.
 
     Raises:
-        HubUnavailableError: the hub could not be reached (the message says to use ``"tiny"``).
+        HubUnavailableError: the hub could not be reached (the message lists what to download).
         UnknownTaskError: a profile task the backend does not know (the message lists the known).
         CheckpointError: a checkpoint that is unsafe or does not fit the pretrained architecture.
     """
@@ -298,11 +334,11 @@ def load_suite(
         raise ValueError(f"profile {p.name!r} names no model_id; the clip_hf backend needs a CLIP hub id")
     specs = {t: hub.hub_task(t) for t in p.tasks}  # unknown tasks fail before any download
     source = model_source or (lambda repo: hub_snapshot(repo, cache_dir=cache_dir))
-    loader = dataset_loader or (lambda task: hub.load_split(task, cache_dir=cache_dir))
+    loader = dataset_loader or (lambda task, split: hub.load_split(task, split, cache_dir=cache_dir))
     cache = cache or artifacts.Cache(p.name)
     ids = {t: (finetuned_ids or {}).get(t) or finetuned_id(p.model_id, t) for t in p.tasks}
 
-    # 1. the pretrained CLIP: architecture, pretrained image tower, preprocessing
+    # 1. the pretrained CLIP: architecture, pretrained image tower (canonical layout), preprocessing
     pre_dir = Path(source(p.model_id))
     config_dict = json.loads((pre_dir / "config.json").read_text()) if (pre_dir / "config.json").exists() else {}
     if config_dict.get("model_type") != "clip":
@@ -314,11 +350,13 @@ def load_suite(
     prep = Preprocess.from_processor_config(pre_dir / "preprocessor_config.json", image_size=vcfg.image_size)
     if prep.crop != vcfg.image_size:
         raise CheckpointError(f"{pre_dir}: the processor crops {prep.crop} px, the model takes {vcfg.image_size}")
-    model = CLIPImageEncoder(vcfg, prep)
-    shapes = float_shapes(model)
+    vit_cfg = L.vit_config_from_hf(vcfg, config.projection_dim)
+    model = CLIPVisionEncoder(vit_cfg, prep)
+    shapes = hf_vision_shapes(vcfg)
     is_vision = lambda k: vision_key(k) is not None  # noqa: E731
-    pretrained = vision_state_dict(read_checkpoint(pre_dir, is_vision), shapes, p.model_id)
-    model.load_state_dict(pretrained, strict=False)
+    pretrained_hf = vision_state_dict(read_checkpoint(pre_dir, is_vision), shapes, p.model_id)
+    pretrained, info = L.hf_to_canonical(pretrained_hf)
+    model.load_state_dict(pretrained)
     model.eval()
 
     # 2. fine-tuned image towers (FusionBench's have no projection: the pretrained one is used)
@@ -328,9 +366,11 @@ def load_suite(
         sd = vision_state_dict(read_checkpoint(Path(source(ids[t])), is_vision), shapes, ids[t],
                                optional=("visual_projection.weight",))
         if "visual_projection.weight" not in sd:
-            sd["visual_projection.weight"] = pretrained["visual_projection.weight"].clone()
+            sd["visual_projection.weight"] = pretrained_hf["visual_projection.weight"].clone()
             projection_from_pretrained.append(t)
-        finetuned[t] = {k: sd[k] for k in pretrained}  # same key order as the pretrained
+        canon, _ = L.hf_to_canonical({k: sd[k] for k in pretrained_hf})
+        finetuned[t] = {k: canon[k] for k in pretrained}  # same key order as the pretrained
+    del pretrained_hf
 
     # 3. zero-shot heads (cached; the text tower is loaded only if some head must be built)
     fingerprint = _fingerprint(pre_dir)
@@ -357,24 +397,33 @@ def load_suite(
         heads[t] = cache.tensors(f"head-{specs[t].key}", key, lambda t=t: head(t))["head"].to(device)
     tower.clear()
 
-    # 4. test sets (cached as uint8 crops and labels)
-    def test_split(task: str) -> StateDict:
+    # 4. test and validation images (cached as uint8 crops and labels)
+    def split_tensors(task: str, split: str) -> StateDict:
         spec = specs[task]
-        ds = loader(spec)
+        ds = loader(spec, "test" if split == "test" else "train")
         k = hub.num_classes(ds, spec)
         if k is not None and k != len(templates.CLASSNAMES[spec.name]):
             raise ValueError(f"{spec.dataset} has {k} classes but the {spec.name} head has "
                              f"{len(templates.CLASSNAMES[spec.name])}: the label order cannot be trusted")
-        return hub.preprocess_split(ds, spec, prep, n_test, seed, progress)
+        if split == "test":
+            return hub.preprocess_split(ds, spec, prep, n_test, seed, progress)
+        held = heldout_val_indices(len(ds))
+        pick = hub.subset_indices(len(held), n_val, seed)
+        rows = ds.select([held[i] for i in pick]) if hasattr(ds, "select") else [ds[held[i]] for i in pick]
+        return hub.preprocess_split(rows, spec, prep, None, seed, progress, what="val")
 
-    test = {}
-    for t in p.tasks:
-        spec = specs[t]
-        key = artifacts.make_key({"dataset": asdict(spec), "n_test": n_test, "seed": seed,
-                                  "preprocess": asdict(prep)}, [hub])
-        d = cache.tensors(f"test-{spec.key}", key, lambda t=t: test_split(t))
+    def images_of(task: str, split: str) -> TaskData:
+        spec = specs[task]
+        key = artifacts.make_key({"dataset": asdict(spec), "split": split, "n": n_test if split == "test" else n_val,
+                                  "seed": seed, "preprocess": asdict(prep),
+                                  "val": [VAL_FRACTION, VAL_MAX, VAL_SEED]}, [hub])
+        d = cache.tensors(f"{split}-{spec.key}", key, lambda: split_tensors(task, split))
         images = d["images"] if uint8_images else hub.normalize(d["images"], prep)
-        test[t] = TaskData(images=images.to(data_device), labels=d["labels"].to(data_device))
+        return TaskData(images=images.to(data_device), labels=d["labels"].to(data_device))
+
+    test = {t: images_of(t, "test") for t in p.tasks}
+    val = {t: images_of(t, "val") for t in p.tasks}
+    text_cfg = config.text_config
 
     return Suite(
         profile=p.name,
@@ -384,6 +433,7 @@ def load_suite(
         finetuned={t: {k: v.to(device) for k, v in sd.items()} for t, sd in finetuned.items()},
         heads=heads,
         test=test,
+        val=val,
         class_names={t: list(templates.CLASSNAMES[specs[t].name]) for t in p.tasks},
         meta={
             "backend": "clip_hf",
@@ -392,12 +442,25 @@ def load_suite(
             "datasets": {t: {"dataset": specs[t].dataset, "config": specs[t].config, "split": specs[t].split}
                          for t in p.tasks},
             "n_test": n_test,
+            "n_val": n_val,
             "seed": seed,
             "test_sizes": {t: len(test[t]) for t in p.tasks},
+            "val_sizes": {t: len(val[t]) for t in p.tasks},
+            "val_split": (f"held out from train as task_vectors does ({VAL_FRACTION:.0%}, at most {VAL_MAX}, "
+                          f"seed {VAL_SEED}), then {n_val if n_val else 'all'} of them (seed {seed})"),
             "preprocess": asdict(prep),
             "n_tensors": len(pretrained),
-            "matrix_keys": HF_CLIP_MATRIX_KEYS,
+            "pretrained_dir": str(pre_dir),
+            "layout": L.CANONICAL,
+            "layout_info": info,
+            "vit_config": vit_cfg.to_dict(),
+            # Ties' global trim in the original counts the text-tower leftovers of its whole-CLIP
+            # checkpoints (zero delta); the profile decides whether to count them.
+            "openclip_text_numel": L.openclip_text_numel(text_cfg.vocab_size, text_cfg.max_position_embeddings,
+                                                         text_cfg.hidden_size, config.projection_dim),
             "projection_from_pretrained": projection_from_pretrained,
             "uint8_images": uint8_images,
+            "fingerprint": artifacts.make_key({"model_id": p.model_id, "checkpoint": fingerprint, "ids": ids,
+                                               "n_test": n_test, "n_val": n_val, "seed": seed}),
         },
     )
