@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .registry import METHODS, MergeError, MethodSpec, Param, describe, list_methods, merge, method_spec, register
 from . import averaging, task_arithmetic, ties, cart, fisher, regmean  # noqa: E402,F401  (registration)
+from . import spectral  # noqa: E402,F401  (registration: tsv_m, iso_c, iso_cts)
 from .task_arithmetic import combine, mask_and_rescale
 from .ties import ties_task_vectors
 

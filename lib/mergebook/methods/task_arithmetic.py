@@ -9,6 +9,8 @@
 * Concrete TA (Tang et al. 2023, Alg. 2): A(τ) = τ ⊙ m / mean(m) per tensor (``mask=``).
 * Centered task arithmetic (CART, Choi et al. 2024, Eq. 3-4): θ_0 = θ_avg and the vectors are
   (low-rank) θ_t − θ_avg, built by :mod:`mergebook.methods.cart`.
+* DARE (Yu et al. 2024): A(τ) = τ ⊙ (1 − m) / (1 − p), m ~ Bernoulli(p) per entry, seeded
+  (``drop=p``), before any of the above mergers (:func:`dare_drop`, registered as ``dare``).
 
 Following mergekit's lesson (``merge_methods/generalized_task_arithmetic.py``), these are options
 of one function, not copies. :func:`combine` reads task vectors key by key, so it accepts lazy
@@ -19,6 +21,7 @@ require grad get gradients (test-time adaptation).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,6 +38,8 @@ __all__ = [
     "layer_wise",
     "concrete_merge",
     "SCALING_COEF",
+    "dare_drop",
+    "dare_merge",
 ]
 
 
@@ -54,6 +59,47 @@ class _MaskedView(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return mask_and_rescale(self._tv[key], self._mask[key])
+
+    def __iter__(self):
+        return iter(self._tv)
+
+    def __len__(self) -> int:
+        return len(self._tv)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tv
+
+
+def _drop_seed(seed: int, index: int, key: str) -> int:
+    # One stream per (seed, task, key): a view re-reads a key several times (Ties reads it for the
+    # threshold and again for the merge) and must drop the same entries each time, in any key order.
+    digest = hashlib.blake2b(f"{int(seed)}|{int(index)}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_drop(tv: torch.Tensor, p: float, *, seed: int = 0, index: int = 0, key: str = "",
+              rescale: bool = True) -> torch.Tensor:
+    """DARE (Yu et al. 2024): τ ⊙ (1 − m) / (1 − p), m ~ Bernoulli(p) per entry, seeded by (seed, index, key)."""
+    if not 0.0 <= p < 1.0:
+        raise MergeError(f"DARE drop rate p = {p!r} is out of range: use 0 ≤ p < 1 (0.5 in FusionBench; p = 1 "
+                         "drops everything and 1/(1 − p) is undefined)")
+    if p == 0.0:
+        return tv.clone()
+    g = torch.Generator(device=tv.device)
+    g.manual_seed(_drop_seed(seed, index, key))
+    keep = torch.rand(tv.shape, generator=g, device=tv.device) >= p  # P(drop) = P(U < p) = p
+    out = tv * keep.to(tv.dtype)
+    return out / (1.0 - p) if rescale else out
+
+
+class _DroppedView(Mapping):
+    """Task vector seen through DARE's random drop: ``key -> dare_drop(τ[key], p, seed, index, key)``."""
+
+    def __init__(self, tv: Mapping[str, torch.Tensor], p: float, seed: int, index: int, rescale: bool):
+        self._tv, self._p, self._seed, self._index, self._rescale = tv, p, seed, index, rescale
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return dare_drop(self._tv[key], self._p, seed=self._seed, index=self._index, key=key, rescale=self._rescale)
 
     def __iter__(self):
         return iter(self._tv)
@@ -110,6 +156,9 @@ def combine(
     sparsify: float | None = None,
     consensus: str | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
+    drop: float | None = None,
+    drop_seed: int = 0,
+    drop_rescale: bool = True,
 ) -> StateDict:
     """θ_0 + Σ_k λ_k^l A(τ_k^l) (Concrete Eq. 16): TA, AdaMerging, Ties, masked and centered TA in one.
 
@@ -123,6 +172,9 @@ def combine(
     {"sum", "mean", "max"} elects signs and merges only agreeing entries (Ties steps 2-3). These
     two run without autograd; for gradients through Ties use
     :func:`~mergebook.methods.ties.ties_task_vectors` and combine those.
+
+    ``drop=p`` applies DARE first: each task vector k becomes τ_k ⊙ (1 − m) / (1 − p) with a
+    Bernoulli(p) mask drawn from (``drop_seed``, k, key), so the same call gives the same merge.
     """
     if len(task_vectors) == 0:
         raise MergeError("combine needs at least one task vector")
@@ -139,6 +191,10 @@ def combine(
     if mask is not None:
         _check_mask(mask, pretrained, ks)
         tvs = [_MaskedView(tv, mask) for tv in task_vectors]
+    if drop is not None:
+        if not 0.0 <= drop < 1.0:
+            raise MergeError(f"drop = {drop!r} is out of range: DARE's drop rate p lies in [0, 1) (0.5 in FusionBench)")
+        tvs = [_DroppedView(tv, drop, drop_seed, i, drop_rescale) for i, tv in enumerate(tvs)]
 
     def weights(key: str, like: torch.Tensor) -> torch.Tensor:
         c = coef if mode == "task" else coef[row_of[key]]  # type: ignore[index]
@@ -285,3 +341,43 @@ def concrete_merge(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[M
     keys = [k for k in mask]
     tvs = [TaskVectorView(ft, pretrained, keys) for ft in finetuned]
     return combine(pretrained, tvs, scaling_coef, keys=keys, mask=mask)
+
+
+_DARE_MERGERS = ("task_arithmetic", "ties")
+_DARE_DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 0.5}  # FusionBench's dare configs
+
+
+@register("dare", summary="drop each τ entry with prob. p, rescale by 1/(1−p), then Task Arithmetic or Ties",
+          url="https://arxiv.org/abs/2311.03099",
+          paper="Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
+                "Lunch (ICML), DARE: τ ⊙ (1 − m) / (1 − p) then any merger",
+          params=[
+              Param("p", 0.5, "float", "drop rate: each task-vector entry is zeroed with probability p and the rest "
+                    "scaled by 1/(1 − p) (0.5 in FusionBench)", low=0.0, high=1.0, high_open=True),
+              Param("merger", "task_arithmetic", "choice", "the merge after the drop: task_arithmetic (θ_pre + λ Σ_k "
+                    "τ̃_k) or ties (trim, elect, disjoint merge of the dropped vectors)", choices=_DARE_MERGERS),
+              Param("scaling_coef", None, "float", "λ; None: 0.3 with task_arithmetic, 0.5 with ties (FusionBench's "
+                    "DARE configs)", low=-10.0, high=10.0, optional=True),
+              Param("k", 0.2, "float", "Ties only: fraction kept per task by the magnitude trim", low=0.0, high=1.0,
+                    low_open=True),
+              Param("disjoint", "sum", "choice", "Ties only: how agreeing entries combine (sum in FusionBench; "
+                    "MergeLM's Ties uses mean)", choices=DISJOINT_METHODS),
+              Param("seed", 0, "int", "seed of the random drop (one stream per task and tensor)", low=0),
+              Param("rescale", True, "bool", "rescale the kept entries by 1/(1 − p) (DARE); false is plain random drop"),
+              KEYS,
+          ])
+def dare_merge(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
+               p: float = 0.5, merger: str = "task_arithmetic", scaling_coef: float | None = None, k: float = 0.2,
+               disjoint: str = "sum", seed: int = 0, rescale: bool = True,
+               keys: Sequence[str] | None = None) -> StateDict:
+    """DARE (Yu et al. 2024): τ̃_k = τ_k ⊙ (1 − m_k) / (1 − p), m_k ~ Bernoulli(p), then TA or Ties on τ̃.
+
+    Every floating tensor is dropped (as MergeLM's ``mask_input_with_mask_rate`` on the whole delta),
+    not only linear weights. The drop is seeded, so one call always gives the same model.
+    """
+    lam = _DARE_DEFAULT_LAMBDA[merger] if scaling_coef is None else scaling_coef
+    tvs = [TaskVectorView(ft, pretrained, keys) for ft in finetuned]
+    if merger == "ties":
+        return combine(pretrained, tvs, lam, keys=keys, sparsify=k, consensus=disjoint, drop=p, drop_seed=seed,
+                       drop_rescale=rescale)
+    return combine(pretrained, tvs, lam, keys=keys, drop=p, drop_seed=seed, drop_rescale=rescale)
