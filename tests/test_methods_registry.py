@@ -26,7 +26,8 @@ def test_every_method_is_registered_with_paper_docstring_and_parameter_ranges():
             if not p.required and p.default is not None and p.kind in ("float", "int"):
                 assert p.check(name, p.default) == p.default  # defaults lie in their own range
     assert METHODS["task_arithmetic"].defaults()["scaling_coef"] == 0.3
-    assert METHODS["ties"].defaults() == {"k": 0.2, "scaling_coef": 0.3, "disjoint": "sum", "keys": None}
+    assert METHODS["ties"].defaults() == {"k": 0.2, "scaling_coef": 0.3, "disjoint": "sum", "keys": None,
+                                          "extra_zeros": 0}
     assert METHODS["cart"].defaults()["scaling_coef"] == 2.0 and METHODS["cart"].defaults()["ratio"] == 0.12
     assert METHODS["fisher"].inputs == ("model", "heads", "data")
     text = describe("ties")

@@ -22,6 +22,12 @@ class Profile:
     model_id: str | None = None  # hub id of the pretrained CLIP for clip_hf backends
     paper_table: dict[str, str] = field(default_factory=dict)  # paper -> table id of this scale
     offline: bool = False
+    # Ties' global trim population: "vision" (the given image-tower tensors) or "whole_clip" (also
+    # the zero-delta text-tower leftovers of the original task_vectors checkpoints, which the quoted
+    # 72.4 and AdaMerging++ were computed with). See mergebook.layout.openclip_text_numel.
+    ties_population: str = "vision"
+    hub: str | None = None  # "pico": resolve every hub id to the local hub-pico snapshot
+    load_kw: dict = field(default_factory=dict)  # defaults for the backend's load_suite
 
 
 PROFILES: dict[str, Profile] = {
@@ -34,14 +40,36 @@ PROFILES: dict[str, Profile] = {
     "vit-b-32": Profile(
         name="vit-b-32", backend="clip_hf", tasks=PAPER_TASKS, model_id="openai/clip-vit-base-patch32",
         description="CLIP ViT-B/32, eight tasks (AdaMerging Table 1)", paper_table={"adamerging": "1"},
+        ties_population="whole_clip",
     ),
     "vit-b-16": Profile(
         name="vit-b-16", backend="clip_hf", tasks=PAPER_TASKS, model_id="openai/clip-vit-base-patch16",
         description="CLIP ViT-B/16, eight tasks (AdaMerging Table 5)", paper_table={"adamerging": "5"},
+        ties_population="whole_clip",
     ),
     "vit-l-14": Profile(
         name="vit-l-14", backend="clip_hf", tasks=PAPER_TASKS, model_id="openai/clip-vit-large-patch14",
         description="CLIP ViT-L/14, eight tasks (AdaMerging Table 2)", paper_table={"adamerging": "2"},
+        ties_population="whole_clip",
+    ),
+    # The paper path, offline: the same clip_hf backend and hub ids as vit-b-32, resolved to a local
+    # snapshot of a pico CLIP and eight tiny datasets (mergebook.hub_pico). Chance-level numbers.
+    "hub-pico": Profile(
+        name="hub-pico", backend="clip_hf", tasks=PAPER_TASKS, model_id="openai/clip-vit-base-patch32",
+        description="the vit-b-32 code path on a local pico hub snapshot (random weights, noise images)",
+        paper_table={"adamerging": "1"}, offline=True, hub="pico", ties_population="whole_clip",
+        load_kw={"n_val": None},
+    ),
+    # True shapes, random weights and images, no network: for GPU benchmarks of the real sizes.
+    "random-b32": Profile(
+        name="random-b32", backend="random", tasks=PAPER_TASKS, offline=True,
+        description="ViT-B/32 shapes (152 tensors, 87.8M parameters), random weights and images",
+        load_kw={"arch": "ViT-B/32"},
+    ),
+    "random-l14": Profile(
+        name="random-l14", backend="random", tasks=PAPER_TASKS, offline=True,
+        description="ViT-L/14 shapes (296 tensors, 303M parameters), random weights and images",
+        load_kw={"arch": "ViT-L/14"},
     ),
 }
 
@@ -67,14 +95,33 @@ def load_suite(profile: str, *, device: str = "auto", progress: bool = True, wit
     ``backend_kw`` go to the backend (for ``clip_hf``: ``n_test``, ``cache_dir``, ...).
     """
     p = get_profile(profile)
+    from .adaptation import resolve_device
+
+    kw = {**p.load_kw, **backend_kw}
     if p.backend == "tiny":
         from .models.tiny import load_suite as tiny_suite
 
-        suite = tiny_suite(progress=progress, with_mtl=with_mtl, **backend_kw)
+        suite = tiny_suite(progress=progress, with_mtl=with_mtl, **kw)
+    elif p.backend == "random":
+        from .models.random_clip import load_suite as random_suite
+
+        suite = random_suite(p, device=str(resolve_device(device)), progress=progress, **kw)
     else:
         from .models.clip_hf import load_suite as hf_suite
 
-        from .adaptation import resolve_device
+        if p.hub == "pico":
+            from . import hub_pico
 
-        suite = hf_suite(p, device=str(resolve_device(device)), progress=progress, **backend_kw)
+            snap = hub_pico.snapshot()
+            kw.setdefault("model_source", snap.model_source)
+            kw.setdefault("dataset_loader", snap.dataset_loader)
+        suite = hf_suite(p, device=str(resolve_device(device)), progress=progress, **kw)
+    suite.meta.setdefault("ties_population", p.ties_population)
+    if p.ties_population == "whole_clip":
+        suite.meta["ties_extra_zeros"] = int(suite.meta.get("openclip_text_numel", 0))
+    elif p.ties_population == "vision":
+        suite.meta["ties_extra_zeros"] = 0
+    else:
+        raise ValueError(f"profile {p.name!r}: unknown ties_population {p.ties_population!r}; use 'vision' or "
+                         "'whole_clip'")
     return suite

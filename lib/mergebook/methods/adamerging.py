@@ -51,7 +51,9 @@ def adamerging_space(
         from .ties import ties_task_vectors
 
         # Φ(T_k): global top-k% trim, elected sign, only agreeing entries kept (Ties, "sum").
-        vectors = ties_task_vectors(lazy_task_vectors(suite, keys), k=ties_k, keys=keys)
+        # The trim population follows the profile (suite.meta["ties_extra_zeros"]), as Ties' row does.
+        vectors = ties_task_vectors(lazy_task_vectors(suite, keys), k=ties_k, keys=keys,
+                                    extra_zeros=int(suite.meta.get("ties_extra_zeros", 0)))
     else:
         vectors = lazy_task_vectors(suite, keys)
     return MergeSpace(suite.pretrained, vectors, device=resolve_device(device))

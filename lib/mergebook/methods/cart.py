@@ -139,6 +139,11 @@ def lowrank(a: torch.Tensor, rank: int, *, reverse: bool = False, method: str = 
     return out.to(a.dtype)
 
 
+def _rule_name(rule: MatrixRule) -> str:
+    suf = getattr(rule, "suffixes", None)
+    return f"key suffixes {list(suf)}" if suf else getattr(rule, "__name__", repr(rule))
+
+
 def _matrix_keys(pretrained: Mapping[str, torch.Tensor], rule: MatrixRule) -> list[str]:
     keys = []
     for k in float_keys(pretrained):
@@ -148,6 +153,17 @@ def _matrix_keys(pretrained: Mapping[str, torch.Tensor], rule: MatrixRule) -> li
                 raise MergeError(f"the CART matrix rule selected {k!r} of shape {tuple(t.shape)}, which is not a matrix: "
                                  "restrict the rule to 2-D weights")
             keys.append(k)
+    if not keys:
+        # Never a silent no-op: a rule written for another layout would leave every matrix at θ_avg.
+        from ..layout import is_clip_layout
+
+        found = is_clip_layout(pretrained)
+        raise MergeError(
+            f"the matrix rule ({_rule_name(rule)}) matches no key of these weights "
+            f"({'layout ' + found if found else 'not a known CLIP layout'}; first keys {list(pretrained)[:3]}). "
+            "The layouts this library knows are open_clip's visual tower (canonical: attn.in_proj_weight, "
+            "attn.out_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight) and transformers' CLIP vision tower "
+            "(converted to the canonical layout before merging). Pass matrix_rule= naming this model's 2-D weights")
     return keys
 
 
@@ -185,7 +201,11 @@ QKV_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
 
 
 def _units(mkeys: Sequence[str], stack_qkv: bool) -> list[tuple[str, ...]]:
-    """Truncation units: single matrices, or (q, k, v) stacked like open_clip's ``in_proj_weight``."""
+    """Truncation units: single matrices, or (q, k, v) stacked like open_clip's ``in_proj_weight``.
+
+    Triples are grouped by prefix whatever order the keys come in (safetensors sorts ``k_proj``
+    before ``q_proj``); each unit is always ordered q, k, v, as open_clip stacks them.
+    """
     if not stack_qkv:
         return [(k,) for k in mkeys]
     present = set(mkeys)
@@ -194,18 +214,17 @@ def _units(mkeys: Sequence[str], stack_qkv: bool) -> list[tuple[str, ...]]:
     for k in mkeys:
         if k in grouped:
             continue
-        if k.endswith(QKV_SUFFIXES[0]):
-            prefix = k[: -len(QKV_SUFFIXES[0])]
-            unit = tuple(prefix + suf for suf in QKV_SUFFIXES)
-            if all(u in present for u in unit):
-                units.append(unit)
-                grouped.update(unit)
-                continue
-        if not k.endswith(QKV_SUFFIXES):
+        suf = next((q for q in QKV_SUFFIXES if k.endswith(q)), None)
+        if suf is None:
             units.append((k,))
             continue
-        raise MergeError(f"stack_qkv: {k!r} has no complete q/k/v triple ({', '.join(QKV_SUFFIXES)}) under its prefix; "
-                         "include all three in the matrix rule, or set stack_qkv=False")
+        prefix = k[: -len(suf)]
+        unit = tuple(prefix + q for q in QKV_SUFFIXES)
+        if not all(u in present for u in unit):
+            raise MergeError(f"stack_qkv: {k!r} has no complete q/k/v triple ({', '.join(QKV_SUFFIXES)}) under its "
+                             "prefix; include all three in the matrix rule, or set stack_qkv=False")
+        units.append(unit)
+        grouped.update(unit)
     return units
 
 

@@ -233,6 +233,8 @@ def register(name: str, *, summary: str, paper: str, params: Sequence[Param] = (
                                  f"{params[0].name if params else 'param'}=...)")
             _check_models(spec, pretrained, finetuned)
             values = spec.validate(kwargs)
+            if _is_hf_clip(pretrained):
+                return _merge_in_canonical_layout(spec, fn, pretrained, finetuned, values)
             return fn(pretrained, finetuned, **values)
 
         checked.__signature__ = sig  # type: ignore[attr-defined]
@@ -248,6 +250,66 @@ def register(name: str, *, summary: str, paper: str, params: Sequence[Param] = (
         return checked
 
     return deco
+
+
+def _is_hf_clip(sd: Mapping[str, torch.Tensor]) -> bool:
+    from ..layout import HF_CLIP, is_clip_layout
+
+    return is_clip_layout(sd) == HF_CLIP
+
+
+def _merge_in_canonical_layout(spec: MethodSpec, fn: Callable[..., StateDict], pretrained, finetuned,
+                               values: dict[str, Any]) -> StateDict:
+    """Run ``fn`` on transformers-layout CLIP weights in the canonical (open_clip) layout, and convert back.
+
+    Every per-matrix rule is written once, for open_clip's visual tower (fused Q/K/V, 152 tensors for
+    ViT-B/32), so HF weights give the same merge as the same weights in open_clip's layout.
+    """
+    from .. import layout as L
+
+    try:
+        pre, info = L.hf_to_canonical(pretrained)
+        fts = [L.hf_to_canonical(ft)[0] for ft in finetuned]
+        conv: dict[str, Any] = {}
+        for name, v in values.items():
+            p = next((q for q in spec.params if q.name == name), None)
+            if v is None or p is None:
+                conv[name] = _canonical_input(name, v)
+            elif p.kind == "statedict":
+                conv[name] = L.hf_to_canonical(v)[0]
+            elif p.kind == "keys":
+                conv[name] = L.canonical_keys(v, info)
+            elif p.kind == "rule" and not callable(v):
+                conv[name] = L.canonical_suffixes(v)
+            elif p.kind == "matrix" and v.shape[0] != len(pre):
+                raise MergeError(f"{spec.name}: {name} has {v.shape[0]} rows, but layer-wise coefficients have one "
+                                 f"row per tensor of open_clip's visual layout ({len(pre)} here; 152 for ViT-B/32): "
+                                 "transformers' separate q/k/v share one in_proj row. Use "
+                                 "mergebook.statedict.layer_names(mergebook.layout.hf_to_canonical(pretrained)[0])")
+            else:
+                conv[name] = v
+    except L.LayoutError as err:
+        raise MergeError(f"{spec.name}: {err}") from None
+    return L.from_canonical(fn(pre, fts, **conv), info)
+
+
+def _canonical_input(name: str, value: Any) -> Any:
+    """A data input (the encoder ``model``) in the canonical layout when it is a transformers CLIP tower."""
+    if name != "model" or value is None or not hasattr(value, "state_dict"):
+        return value
+    if not _is_hf_clip(value.state_dict()):
+        return value
+    from .. import layout as L
+    from ..models.clip_hf import CLIPVisionEncoder
+
+    cfg = getattr(value, "config", None)
+    if cfg is None:
+        raise MergeError("model is a transformers CLIP vision tower without a .config: pass the suite's canonical "
+                         "encoder (suite.model) instead")
+    enc = CLIPVisionEncoder(L.vit_config_from_hf(cfg, getattr(cfg, "projection_dim", None)))
+    sd, _ = L.hf_to_canonical({k: v for k, v in value.state_dict().items() if v.is_floating_point()})
+    enc.load_state_dict(sd)
+    return enc.eval()
 
 
 def _check_models(spec: MethodSpec, pretrained: Any, finetuned: Any) -> None:

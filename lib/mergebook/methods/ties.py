@@ -261,7 +261,7 @@ def _kth_largest_bracket(chunks: Callable[[], Iterator[torch.Tensor]], sample: t
 
 
 def topk_threshold(task_vector: torch.Tensor | Mapping[str, torch.Tensor], k: float = 0.2,
-                   keys: Sequence[str] | None = None, *, method: str = "auto") -> float:
+                   keys: Sequence[str] | None = None, *, method: str = "auto", extra_zeros: int = 0) -> float:
     """Exact global magnitude threshold of Ties' trim (Alg. 1 step 1): keep ``|x| >= t``.
 
     ``t`` is the ``(int(d·k) + 1)``-th largest ``|x|`` over all ``keys`` of one task vector (the
@@ -272,6 +272,10 @@ def topk_threshold(task_vector: torch.Tensor | Mapping[str, torch.Tensor], k: fl
     entries inside the bracket in one pass (exact; falls back to ``"radix"`` if the bracket missed);
     ``"radix"`` is an exact bit-histogram selection, one pass per 16 bits; ``"sort"`` gathers
     everything and calls ``kthvalue`` (the original, memory-hungry; for tests).
+
+    ``extra_zeros`` adds that many zero entries to the population without materialising them: the
+    original's whole-CLIP checkpoints carry the text tower's leftovers (25,599,489 entries for
+    ViT-B/32, delta 0), so its global top-20% keeps about 25.8% of the vision entries.
     """
     if not (0 < k <= 1) or isinstance(k, bool):
         raise _err(f"Ties k = {k!r} is out of range: k is the fraction of entries kept per task, in (0, 1] "
@@ -285,7 +289,11 @@ def topk_threshold(task_vector: torch.Tensor | Mapping[str, torch.Tensor], k: fl
     d = sum(_numel(tv, key) for key in ks)
     if d == 0:
         raise _err("Ties: the task vector has no entries")
-    n_keep = keep_count(d, k)
+    if isinstance(extra_zeros, bool) or int(extra_zeros) != extra_zeros or extra_zeros < 0:
+        raise _err(f"Ties extra_zeros = {extra_zeros!r} is out of range: it counts zero-delta entries outside these "
+                   "tensors (a whole-CLIP checkpoint's text tower), a non-negative integer")
+    # The zeros are the smallest magnitudes, so the threshold is the same rank among the real entries.
+    n_keep = keep_count(d + int(extra_zeros), k)
     if n_keep >= d:
         return 0.0
     r = n_keep + 1  # 1-based descending rank of the threshold
@@ -432,25 +440,25 @@ def ties_key(trimmed: torch.Tensor, sign: torch.Tensor) -> TiesKey:
 
 
 def ties_thresholds(tvs: Sequence[Mapping[str, torch.Tensor]], k: float | None,
-                    keys: Sequence[str]) -> list[float] | None:
+                    keys: Sequence[str], extra_zeros: int = 0) -> list[float] | None:
     """Each task's global trim threshold over ``keys`` (None when ``k`` is None: no trim)."""
     if k is None:
         return None
-    return [topk_threshold(tv, k, keys) for tv in tvs]
+    return [topk_threshold(tv, k, keys, extra_zeros=extra_zeros) for tv in tvs]
 
 
 def ties_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: float = 0.2,
-                      keys: Sequence[str] | None = None) -> list[StateDict]:
+                      keys: Sequence[str] | None = None, extra_zeros: int = 0) -> list[StateDict]:
     """Φ(T_k) of AdaMerging §3.1: each task's trimmed (top-k global) and sign-agreeing vector.
 
     Σ_k Φ(T_k) is Ties' ``sum`` disjoint merge, so θ_pre + λ Σ_k Φ(T_k) is Ties-Merging and
     θ_pre + Σ_k λ_k^(l) Φ(T_k^(l)) is AdaMerging++. Only ``keys`` (default: every floating
-    tensor) take part and appear in the result.
+    tensor) take part and appear in the result. ``extra_zeros``: see :func:`topk_threshold`.
     """
     if len(task_vectors) == 0:
         raise _err("ties_task_vectors needs at least one task vector")
     ks = _keys_of(task_vectors[0], keys)
-    thresholds = ties_thresholds(task_vectors, k, ks)
+    thresholds = ties_thresholds(task_vectors, k, ks, extra_zeros)
     out: list[StateDict] = [{} for _ in task_vectors]
     stream = TiesStream(task_vectors, ks, thresholds)
     with torch.no_grad():
@@ -475,10 +483,14 @@ def ties_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: flo
                     "repo default) or max", choices=DISJOINT_METHODS),
               Param("keys", None, "keys", "keys that take part in the global trim and the merge; others keep "
                     "pretrained values", optional=True),
+              Param("extra_zeros", 0, "int", "zero-delta entries counted in the global trim population but not "
+                    "given (the trim population option): 0 trims over the given tensors (vision-only towers); a "
+                    "whole-CLIP checkpoint of the original also holds the text tower's leftovers, "
+                    "mergebook.layout.openclip_text_numel(...) = 25,599,489 for ViT-B/32", low=0),
           ])
 def ties_merging(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
                  k: float = 0.2, scaling_coef: float = 0.3, disjoint: str = "sum",
-                 keys: Sequence[str] | None = None) -> StateDict:
+                 keys: Sequence[str] | None = None, extra_zeros: int = 0) -> StateDict:
     """Ties-Merging (Yadav et al. 2023, Alg. 1): θ_pre + λ · disjoint_merge(trim_k(τ), elect(τ)).
 
     Defaults are the setting the AdaMerging, Concrete and CART papers report for Ties (k = 20%,
@@ -489,4 +501,4 @@ def ties_merging(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Map
     from .task_arithmetic import combine
 
     tvs = [TaskVectorView(ft, pretrained, keys) for ft in finetuned]
-    return combine(pretrained, tvs, scaling_coef, keys=keys, sparsify=k, consensus=disjoint)
+    return combine(pretrained, tvs, scaling_coef, keys=keys, sparsify=k, consensus=disjoint, trim_extra_zeros=extra_zeros)
