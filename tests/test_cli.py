@@ -52,7 +52,8 @@ def test_merge_round_trip_writes_safetensors_with_method_params_and_input_hashes
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["method"] == "ties"
-    assert json.loads(meta["params"]) == {"k": 0.5, "disjoint": "mean", "scaling_coef": 0.3, "keys": None}
+    assert json.loads(meta["params"]) == {"k": 0.5, "disjoint": "mean", "scaling_coef": 0.3, "keys": None,
+                                           "extra_zeros": 0}
     assert meta["pretrained_sha256"] == cli.sha256_file(tmp / "pre.safetensors")
     assert json.loads(meta["finetuned_sha256"]) == [cli.sha256_file(p) for p in paths]
     assert sorted(os.listdir(tmp)) == sorted(["pre.safetensors", "ft0.safetensors", "ft1.safetensors", "ft2.pt",

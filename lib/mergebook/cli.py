@@ -142,8 +142,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             extra_files[name] = value
     values = spec.validate(params)  # also loads state-dict parameters given as paths
     device = torch.device(args.device)
-    pretrained = {k: v.to(device) for k, v in load_state_dict(args.pretrained).items()}
-    finetuned = [{k: v.to(device) for k, v in load_state_dict(p).items()} for p in args.finetuned]
+    pretrained, layout_note = _as_layout_of(load_state_dict(args.pretrained), None, args.pretrained)
+    finetuned = []
+    for p in args.finetuned:
+        sd, note = _as_layout_of(load_state_dict(p), pretrained, p)
+        finetuned.append(sd)
+        layout_note += note
+    pretrained = {k: v.to(device) for k, v in pretrained.items()}
+    finetuned = [{k: v.to(device) for k, v in sd.items()} for sd in finetuned]
+    from .layout import is_clip_layout
+
+    detected = is_clip_layout(pretrained) or "generic"
+    print(f"layout: {detected}{' (merged in the canonical open_clip layout, written back in this one)' if detected == 'hf_clip' else ''}"
+          f"{layout_note}")
     merged = METHODS[args.method].fn(pretrained, finetuned, **values)
     meta_params = {k: (extra_files[k] if k in extra_files else _jsonable(v)) for k, v in values.items()}
     metadata = {
@@ -151,6 +162,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         "mergebook_version": __version__,
         "method": args.method,
         "params": json.dumps(meta_params, sort_keys=True),
+        "layout": detected,
         "pretrained": str(inputs[0]),
         "pretrained_sha256": sha256_file(inputs[0]),
         "finetuned": json.dumps([str(p) for p in inputs[1:]]),
@@ -162,6 +174,57 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k}={meta_params[k]}" for k in sorted(raw)) or "defaults"
     print(f"merged {len(finetuned)} models with {args.method} ({shown}) -> {out}")
     return 0
+
+
+def _as_layout_of(sd: dict, like: dict | None, path: str) -> tuple[dict, str]:
+    """``sd`` reduced to its CLIP image tower and put in ``like``'s layout (exact conversion); a note."""
+    from . import layout as L
+
+    note = ""
+    if any(k.startswith(("text_model.", "logit_scale", "text_projection")) for k in sd) and \
+            any(k.startswith("vision_model.") for k in sd):
+        dropped = [k for k in sd if not k.startswith(("vision_model.", "visual_projection."))]
+        sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
+        note += f"; {path}: a whole CLIPModel, its {len(dropped)} text-tower tensors left out"
+    if like is None:
+        return sd, note
+    mine, theirs = L.is_clip_layout(sd), L.is_clip_layout(like)
+    if mine and theirs and mine != theirs:
+        canon, _ = L.to_canonical(sd)
+        if theirs == L.CANONICAL:
+            sd = canon
+        else:
+            _, info = L.to_canonical(like)
+            sd = L.from_canonical(canon, info)
+        note += f"; {path}: {mine} converted to {theirs}"
+    return sd, note
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    if not args.trust_pickle:
+        raise UsageError(
+            f"{args.input} is a pickle, and unpickling runs arbitrary code from the file. Only if you trust its "
+            "source (e.g. the task_vectors authors' checkpoints), rerun with --trust-pickle; this is the only "
+            "command that ever reads a pickle")
+    info = convert_checkpoint(args.input, args.output)
+    print(f"converted {args.input} -> {args.output}: {info['n_tensors']} canonical (open_clip visual) tensors, "
+          f"{info['text_numel']} text-tower entries recorded for Ties' whole-CLIP trim population")
+    return 0
+
+
+def _setup_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="turn a pickled task_vectors/open_clip checkpoint into safetensors",
+                       description="Convert a task_vectors-format checkpoint (a pickled open_clip ImageEncoder, "
+                                   "as the AdaMerging/Concrete/CART authors share them) into a safetensors file "
+                                   "of the image tower in the canonical open_clip visual layout. Needs "
+                                   "--trust-pickle: this is the only place pickle is ever read.")
+    p.add_argument("input", metavar="IN", help="the pickled checkpoint (.pt)")
+    p.add_argument("output", metavar="OUT.safetensors", help="the safetensors file to write (atomically)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling IN (it can run code); required")
+    p.set_defaults(func=_cmd_convert)
 
 
 def _setup_merge(sub: argparse._SubParsersAction) -> None:
@@ -212,6 +275,7 @@ def _setup_methods(sub: argparse._SubParsersAction) -> None:
 
 register_subcommand("merge", _setup_merge)
 register_subcommand("methods", _setup_methods)
+register_subcommand("convert", _setup_convert)
 
 
 # ----------------------------------------------------------------------------------------------
