@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=0,
                         help="seconds one cell may run before the chapter fails (0: no limit)")
     parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the log")
+    parser.add_argument("--stage", default=None, metavar="DIR",
+                        help="where executed notebooks go (default _build/stage; CI runs the hub-pico profile into "
+                             "_build/stage-hub-pico with --no-html, beside the book)")
     parser.add_argument("--check-html", action="store_true",
                         help="only check that every toc page is in _build/html with its title")
     args = parser.parse_args(argv)
@@ -496,8 +499,8 @@ def _report_check() -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    stage = BUILD / "stage"
-    src_dir = BUILD / "src" / NOTEBOOK_DIR
+    stage = Path(args.stage).resolve() if getattr(args, "stage", None) else BUILD / "stage"
+    src_dir = (stage.parent / f"src-{stage.name}" if getattr(args, "stage", None) else BUILD / "src") / NOTEBOOK_DIR
     chapters = toc_notebooks()
     for name in chapters:
         if not (ROOT / NOTEBOOK_DIR / f"{name}.py").exists():

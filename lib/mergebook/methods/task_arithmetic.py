@@ -159,6 +159,7 @@ def combine(
     drop: float | None = None,
     drop_seed: int = 0,
     drop_rescale: bool = True,
+    trim_extra_zeros: int = 0,
 ) -> StateDict:
     """θ_0 + Σ_k λ_k^l A(τ_k^l) (Concrete Eq. 16): TA, AdaMerging, Ties, masked and centered TA in one.
 
@@ -171,7 +172,8 @@ def combine(
     ``sparsify=k`` trims each task to its global top-k magnitudes (Ties step 1); ``consensus`` in
     {"sum", "mean", "max"} elects signs and merges only agreeing entries (Ties steps 2-3). These
     two run without autograd; for gradients through Ties use
-    :func:`~mergebook.methods.ties.ties_task_vectors` and combine those.
+    :func:`~mergebook.methods.ties.ties_task_vectors` and combine those. ``trim_extra_zeros``
+    counts zero entries outside ``keys`` in the trim population (the original's whole-CLIP checkpoints).
 
     ``drop=p`` applies DARE first: each task vector k becomes τ_k ⊙ (1 − m) / (1 − p) with a
     Bernoulli(p) mask drawn from (``drop_seed``, k, key), so the same call gives the same merge.
@@ -212,7 +214,7 @@ def combine(
             raise MergeError("consensus='max' keeps one entry per weight, so it takes a single coefficient, "
                              "not task- or layer-wise ones")
         with torch.no_grad():
-            thresholds = ties_thresholds(tvs, sparsify, ks)
+            thresholds = ties_thresholds(tvs, sparsify, ks, trim_extra_zeros)
 
             def finish(key: str, delta: torch.Tensor) -> torch.Tensor:
                 # delta is a fresh tensor: (λ·δ) + θ in place is bit-identical to θ + λ·δ, one allocation less

@@ -20,6 +20,17 @@ class TaskData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def sample(self, n: int, seed: int = 0) -> "TaskData":
+        """``n`` examples drawn without replacement by a seeded permutation (all of them if ``n`` ≥ N).
+
+        Hub splits can be sorted by class, so "the first n" may hold one class only; Fisher and
+        RegMean statistics take this sample instead.
+        """
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return TaskData(self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)])
+
 
 @dataclass
 class Suite:
