@@ -188,7 +188,8 @@ runs = {name: cached_result(suite, "adamerging", {"granularity": g, "plus_plus":
         for name, (g, pp) in VARIANTS.items()}
 baselines = cached_result(suite, "ta_ties_at", {"lambda": ta_lambda}, lambda: {
     "Task Arithmetic": evaluate(suite, merge("task_arithmetic", pre, fts, scaling_coef=ta_lambda)),
-    "Ties-Merging": evaluate(suite, merge("ties", pre, fts, scaling_coef=ta_lambda, k=0.2, disjoint="sum")),
+    "Ties-Merging": evaluate(suite, merge("ties", pre, fts, scaling_coef=ta_lambda, k=0.2, disjoint="sum",
+                                          extra_zeros=suite.meta.get("ties_extra_zeros", 0))),
 })
 
 # %%

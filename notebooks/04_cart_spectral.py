@@ -90,12 +90,10 @@ plotting.apply_style()
 suite = load_suite(profile, device=device)
 tasks = suite.tasks
 pre, fts = suite.pretrained, suite.finetuned_list()
+# Every suite holds the canonical open_clip layout (HF CLIP is converted on load), so CART's default
+# matrices (fused in_proj, out_proj, c_fc, c_proj) are the original's on every profile.
 matrix_rule = None
 cart_kw = {}
-if profile != "tiny":  # HF CLIP splits Q, K and V: name its matrices, and SVD the stacked QKV as the original
-    from mergebook.models.clip_hf import HF_CLIP_MATRIX_KEYS as matrix_rule
-
-    cart_kw = {"matrix_rule": matrix_rule, "stack_qkv": True}
 
 # %% [markdown]
 # ## The spectrum of centered and original task vectors
