@@ -1,0 +1,215 @@
+"""Analyses behind the CART chapter: the loss-landscape plane, task-subset sampling, spectra and energy rank.
+
+* :func:`landscape_plane` is the plane of CART's Fig. 4 (and Figs. 7-8): through the weight average
+  θ_avg, spanned by the first two principal directions of the fine-tuned weights around it. Those
+  are the principal directions of the *centered* task vectors τ_k − mean(τ) = θ_k − θ_avg, which
+  is Li et al. (2018)'s PCA construction applied to the models being merged; it keeps the
+  fine-tuned models, θ_avg and (nearly) the merge paths in view, where random directions would not.
+* :func:`subsets` draws the task subsets of CART's Fig. 6 (accuracy against the number of merged
+  tasks): all of them when there are few, else a fixed, seeded sample per size.
+* :func:`energy_rank` is the rank that keeps a fraction of a matrix's spectral energy;
+  :func:`task_vector_spectra` gives the singular values of centered or original task vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .statedict import flatten, float_keys, unflatten
+
+StateDict = dict[str, torch.Tensor]
+Point = Mapping[str, torch.Tensor] | torch.Tensor
+
+
+# ------------------------------------------------------------------------------------ landscape plane
+@dataclass(frozen=True)
+class Plane:
+    """A 2-D affine plane in weight space: ``origin + a·basis[0] + b·basis[1]`` (orthonormal rows)."""
+
+    origin: torch.Tensor  # [P] flat weights at (0, 0)
+    basis: torch.Tensor  # [2, P], orthonormal rows
+    like: Mapping[str, torch.Tensor]  # template for shapes, dtypes and the non-float tensors
+    keys: tuple[str, ...]
+    explained: tuple[float, float]  # share of the points' variance along each direction
+
+    def _flat(self, point: Point) -> torch.Tensor:
+        if isinstance(point, torch.Tensor):
+            v = point.reshape(-1)
+        else:
+            missing = [k for k in self.keys if k not in point]
+            if missing:
+                raise KeyError(f"point lacks {len(missing)} tensors of the plane, e.g. {missing[:3]}; "
+                               "pass a state dict with the same keys as the plane's center")
+            v = flatten(point, list(self.keys))
+        if v.numel() != self.origin.numel():
+            raise ValueError(f"point has {v.numel()} entries but the plane lives in {self.origin.numel()} dimensions")
+        return v.to(self.origin.dtype)
+
+    def coordinates(self, point: Point) -> np.ndarray:
+        """(a, b) of the orthogonal projection of ``point`` (state dict or flat vector) onto the plane."""
+        return (self.basis @ (self._flat(point) - self.origin)).double().cpu().numpy()
+
+    def residual(self, point: Point) -> float:
+        """Distance from ``point`` to the plane (0 for points on it)."""
+        d = self._flat(point) - self.origin
+        return float((d - self.basis.T @ (self.basis @ d)).norm())
+
+    def flat(self, a: float, b: float) -> torch.Tensor:
+        """The flat weight vector at plane coordinates (a, b)."""
+        return self.origin + float(a) * self.basis[0] + float(b) * self.basis[1]
+
+    def state_dict(self, a: float, b: float) -> StateDict:
+        """The state dict at plane coordinates (a, b) (non-float tensors copied from the center)."""
+        out = {k: v for k, v in self.like.items()}
+        out.update(unflatten(self.flat(a, b), self.like, list(self.keys)))
+        return out
+
+    def project(self, points: Iterable[Point]) -> np.ndarray:
+        """Coordinates [N, 2] of a path of points (CART as its rank grows, TA as λ grows)."""
+        rows = [self.coordinates(p) for p in points]
+        return np.stack(rows) if rows else np.zeros((0, 2))
+
+    def grid(self, xs: Sequence[float], ys: Sequence[float],
+             fn: Callable[[StateDict], float | Mapping[str, float]]) -> dict[str, np.ndarray] | np.ndarray:
+        """``fn`` at every grid point: [len(ys), len(xs)] (a dict of those if ``fn`` returns a dict)."""
+        values = [[fn(self.state_dict(a, b)) for a in xs] for b in ys]
+        first = values[0][0] if values and values[0] else None
+        if isinstance(first, Mapping):
+            return {k: np.array([[v[k] for v in row] for row in values], dtype=float) for k in first}
+        return np.array(values, dtype=float)
+
+
+def landscape_plane(center: Point, vectors: Sequence[Point], like: Mapping[str, torch.Tensor] | None = None,
+                    centered: bool = True) -> Plane:
+    """The plane through ``center`` spanned by the first two principal directions of ``vectors``.
+
+    ``center`` is θ_avg (a state dict, or a flat vector with ``like`` for shapes). ``vectors`` are
+    task vectors or fine-tuned weights (a shift of all of them does not change the directions):
+    their mean is removed before the SVD (``centered=False`` keeps it, giving the top singular
+    directions of the raw vectors instead). The rows of ``basis`` are orthonormal; signs are fixed
+    so the first vector has non-negative coordinates, making plots deterministic.
+    """
+    if isinstance(center, torch.Tensor):
+        if like is None:
+            raise ValueError("a flat center needs like= (a state dict giving the shapes); or pass a state dict")
+        keys = float_keys(like)
+        origin = center.reshape(-1)
+        template = like
+    else:
+        keys = float_keys(center)
+        origin = flatten(center, keys)
+        template = center
+    if len(vectors) < 2:
+        raise ValueError(f"landscape_plane needs at least 2 vectors to find 2 directions, got {len(vectors)}")
+    # float64 for the Gram matrix: K is small, P large, so X Xᵀ (K x K) is the cheap, exact route
+    x = torch.stack([(v.reshape(-1) if isinstance(v, torch.Tensor) else flatten(v, keys)).double()
+                     for v in vectors])
+    if x.shape[1] != origin.numel():
+        raise ValueError(f"vectors have {x.shape[1]} entries but the center has {origin.numel()}")
+    if centered:
+        x = x - x.mean(0, keepdim=True)
+    evals, evecs = torch.linalg.eigh(x @ x.T)
+    order = torch.argsort(evals, descending=True)
+    evals, evecs = evals[order].clamp_min(0), evecs[:, order]
+    if evals[1] <= 1e-12 * max(float(evals[0]), 1e-300):
+        raise ValueError("the vectors span fewer than 2 directions (after centering); a plane needs two "
+                         "independent task vectors, or pass centered=False for two tasks")
+    basis = (evecs[:, :2].T @ x) / evals[:2].sqrt()[:, None]  # right singular vectors
+    # Gram–Schmidt once more: exact orthonormality in float64 after the eigen route
+    basis[0] /= basis[0].norm()
+    basis[1] -= (basis[1] @ basis[0]) * basis[0]
+    basis[1] /= basis[1].norm()
+    signs = torch.sign(basis @ x[0])
+    basis = basis * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+    total = float(evals.sum())
+    explained = (float(evals[0]) / total, float(evals[1]) / total)
+    return Plane(origin.double(), basis, template, tuple(keys), explained)
+
+
+# --------------------------------------------------------------------------------------- task subsets
+def _unrank(rank: int, n: int, k: int) -> tuple[int, ...]:
+    """The ``rank``-th k-subset of range(n) in lexicographic order (combinatorial number system)."""
+    out, x = [], 0
+    for i in range(k, 0, -1):
+        while True:
+            c = math.comb(n - x - 1, i - 1)
+            if rank < c:
+                break
+            rank -= c
+            x += 1
+        out.append(x)
+        x += 1
+    return tuple(out)
+
+
+def subsets(n_tasks: int | Sequence[str], size: int, max_per_size: int | None = None,
+            seed: int = 0) -> list[tuple]:
+    """Subsets of ``size`` tasks: all of them (lexicographic) if at most ``max_per_size``, else a seeded sample.
+
+    ``n_tasks`` is a count (subsets of indices) or a list of task names (subsets of names). The
+    sample is uniform without replacement, drawn from ``seed`` and ``size`` only, so asking for
+    other sizes never changes it; it is returned in lexicographic order.
+    """
+    names = None if isinstance(n_tasks, int) else list(n_tasks)
+    n = n_tasks if names is None else len(names)
+    if not 1 <= size <= n:
+        raise ValueError(f"subset size must be between 1 and the number of tasks ({n}), got {size}")
+    if max_per_size is not None and max_per_size < 1:
+        raise ValueError(f"max_per_size must be ≥ 1 (or None for all subsets), got {max_per_size}")
+    total = math.comb(n, size)
+    if max_per_size is None or total <= max_per_size:
+        ranks = range(total)
+    else:
+        rng = np.random.default_rng([int(seed), int(size), int(n)])
+        ranks = sorted(int(r) for r in rng.choice(total, size=max_per_size, replace=False))
+    out = [_unrank(r, n, size) for r in ranks]
+    return out if names is None else [tuple(names[i] for i in s) for s in out]
+
+
+def subsets_by_size(n_tasks: int | Sequence[str], sizes: Iterable[int], max_per_size: int | None = None,
+                    seed: int = 0) -> dict[int, list[tuple]]:
+    """:func:`subsets` for each size (CART Fig. 6 uses sizes 2 to 8)."""
+    return {int(s): subsets(n_tasks, int(s), max_per_size, seed) for s in sizes}
+
+
+# ------------------------------------------------------------------------------- spectra, energy rank
+def energy_rank(s: Any, fraction: float = 0.9) -> int | np.ndarray:
+    """Smallest k with Σ_{i<k} s_i² ≥ fraction · Σ s_i² (per row for a 2-D array; 0 for all-zero)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], e.g. 0.9 for 90% of the energy; got {fraction}")
+    a = s.detach().cpu().double().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=float)
+    if a.ndim == 0 or a.ndim > 2:
+        raise ValueError(f"energy_rank takes singular values [r] or a batch [n, r], got shape {a.shape}")
+    if (a < 0).any():
+        raise ValueError("singular values are non-negative; pass torch.linalg.svdvals(m), not eigenvalues")
+    e = np.sort(a ** 2, axis=-1)[..., ::-1]  # largest first, whatever order they came in
+    cum = np.cumsum(e, axis=-1)
+    tot = cum[..., -1:]
+    # a relative tolerance keeps fraction=1.0 from failing on rounding in the cumulative sum
+    k = np.sum(cum < fraction * tot * (1 - 1e-12), axis=-1) + 1
+    k = np.where(tot[..., 0] > 0, k, 0)
+    return int(k) if a.ndim == 1 else k.astype(int)
+
+
+def task_vector_spectra(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+                        keys: Sequence[str], centered: bool) -> dict[str, np.ndarray]:
+    """Singular values [K, r] of each task's vector for each 2-D ``key``: τ_k, or τ_k − mean τ if ``centered``."""
+    out = {}
+    for key in keys:
+        base = pretrained[key]
+        if base.dim() != 2:
+            raise ValueError(f"{key!r} has shape {tuple(base.shape)}; spectra need 2-D weight matrices")
+        tv = torch.stack([ft[key].double() - base.double() for ft in finetuned])
+        if centered:
+            tv = tv - tv.mean(0, keepdim=True)
+        out[key] = torch.linalg.svdvals(tv).numpy()
+    return out
+
+
+__all__ = ["Plane", "energy_rank", "landscape_plane", "subsets", "subsets_by_size", "task_vector_spectra"]
