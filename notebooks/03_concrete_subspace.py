@@ -69,7 +69,7 @@ if "google.colab" in sys.modules:  # Colab: install the library and the hub extr
     import subprocess
 
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "mergebook[hub] @ git+https://github.com/merging-reproduced/merging-reproduced"], check=True)
+                    "mergebook[hub] @ git+https://github.com/merging-reproduced/merging-reproduced@v0.2.0"], check=True)
 
 import matplotlib.pyplot as plt
 import numpy as np

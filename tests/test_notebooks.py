@@ -245,3 +245,16 @@ def test_build_path_reports_a_failing_cell_as_a_failed_chapter(probe, tmp_path):
     assert not run.ok
     assert "RuntimeError: boom" in run.error
     assert out.exists() and "never" not in _stdout(out)
+
+
+def test_every_colab_install_cell_pins_the_library_to_this_release_tag():
+    """A Colab reader must get the library the chapter was written against, not whatever main holds."""
+    import re
+
+    import mergebook
+
+    for src in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        text = src.read_text()
+        refs = re.findall(r"git\+https://github\.com/merging-reproduced/merging-reproduced(@[\w.\-]+)?", text)
+        assert refs, f"{src.name} has no Colab install cell"
+        assert all(r == f"@v{mergebook.__version__}" for r in refs), (src.name, refs)

@@ -1,3 +1,3 @@
 """mergebook: the shared library behind *Merging, Reproduced*."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -256,6 +256,17 @@ def zero_shot_head(text_model: nn.Module, tokenizer: Any, classnames: list[str],
 # The Suite
 
 
+def download_plan(model_id: str, finetuned: Mapping[str, str], tasks: Any) -> str:
+    """What a CLIP profile downloads, as commands to fetch it ahead of time (then HF_HUB_OFFLINE=1 works)."""
+    lines = ["It needs these hub repositories (about 0.6 GB per ViT-B checkpoint, 1.7 GB per ViT-L/14):",
+             f"  hf download {model_id}"]
+    lines += [f"  hf download {fid}" for fid in finetuned.values()]
+    for spec in tasks:
+        lines.append(f"  hf download --repo-type dataset {spec.dataset}" + (f"  # config {spec.config}" if spec.config
+                                                                           else ""))
+    return "\n".join(lines)
+
+
 VAL_FRACTION = 0.1
 VAL_MAX = 5000
 VAL_SEED = 0
@@ -339,7 +350,10 @@ def load_suite(
     ids = {t: (finetuned_ids or {}).get(t) or finetuned_id(p.model_id, t) for t in p.tasks}
 
     # 1. the pretrained CLIP: architecture, pretrained image tower (canonical layout), preprocessing
-    pre_dir = Path(source(p.model_id))
+    try:
+        pre_dir = Path(source(p.model_id))
+    except HubUnavailableError as err:  # fail at the start, with everything the profile needs
+        raise HubUnavailableError(f"{err}\n{download_plan(p.model_id, ids, specs.values())}") from None
     config_dict = json.loads((pre_dir / "config.json").read_text()) if (pre_dir / "config.json").exists() else {}
     if config_dict.get("model_type") != "clip":
         raise CheckpointError(f"{p.model_id} ({pre_dir}) is not a full CLIPModel checkpoint (model_type "
