@@ -362,3 +362,36 @@ def test_scored_packs_test_correctness(cache_dir):
     out = ex.scored(s, s.pretrained)
     assert out["accuracy"]["avg"] == pytest.approx(evaluate(s, s.pretrained)["avg"], abs=1e-4)
     np.testing.assert_array_equal(ex.unpack_correct(out["correct"]["b"]), correctness(s, s.pretrained)["b"])
+
+
+def test_reference_and_data_using_rows_score_like_direct_evaluation(cache_dir):
+    s = micro_suite()
+    ref_rows = ex.reference_rows(s)
+    assert list(ref_rows["accuracy"]) == ["Pretrained", "Individual"]  # no MTL checkpoint in this suite
+    for t in s.tasks:
+        assert ref_rows["accuracy"]["Individual"][t] == pytest.approx(evaluate(s, s.finetuned[t], [t])[t], abs=1e-4)
+        np.testing.assert_array_equal(ex.unpack_correct(ref_rows["correct"]["Individual"][t]),
+                                      correctness(s, s.finetuned[t], [t])[t])
+    assert ref_rows["accuracy"]["Pretrained"]["avg"] == pytest.approx(evaluate(s, s.pretrained)["avg"], abs=1e-4)
+    rows = ex.data_using_rows(s, num_examples=10, regmean_alpha=0.9, seed=0)
+    assert list(rows["accuracy"]) == ["Weight Averaging", "Fisher Merging", "RegMean"]
+    wa = merge("weight_averaging", s.pretrained, s.finetuned_list())
+    assert rows["accuracy"]["Weight Averaging"]["avg"] == pytest.approx(evaluate(s, wa)["avg"], abs=1e-4)
+    # the correctness feeds a results frame directly
+    df = ex.results_frame(rows["correct"] | ref_rows["correct"], s.tasks)
+    assert df.loc["RegMean", "avg"] == pytest.approx(rows["accuracy"]["RegMean"]["avg"], abs=1e-4)
+
+
+def test_entropy_and_loss_per_sample():
+    import torch.nn.functional as F
+
+    from mergebook.evaluate import entropy_and_loss, predict
+
+    s = micro_suite()
+    el = entropy_and_loss(s, s.pretrained)
+    logits = predict(s.model, s.pretrained, s.heads["a"], s.test["a"].images)
+    p = logits.softmax(-1).double()
+    np.testing.assert_allclose(el["a"]["entropy"], -(p * p.log()).sum(-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(el["a"]["loss"], F.cross_entropy(logits, s.test["a"].labels, reduction="none"),
+                               rtol=1e-5)
+    assert (el["b"]["entropy"] >= 0).all() and (el["b"]["entropy"] <= np.log(3) + 1e-6).all()

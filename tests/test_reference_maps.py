@@ -161,3 +161,14 @@ def test_kendall_tau_on_mappings_uses_shared_finite_keys():
         ref.kendall_tau([1, 2], [1, 2, 3])
     with pytest.raises(TypeError, match="two mappings"):
         ref.kendall_tau({"a": 1.0}, [1.0])
+
+
+def test_first_reported_falls_back_in_paper_order():
+    assert ref.first_reported("tiny", "Pretrained", ("adamerging", "cart")) == 48.0  # only CART prints it
+    assert ref.first_reported("tiny", "Weight Averaging", ("adamerging", "cart")) == 65.8  # AdaMerging first
+    assert ref.first_reported("tiny", "Weight Averaging", ("cart", "adamerging")) == 65.9
+    assert math.isnan(ref.first_reported("tiny", "Ties-Merging (mean)"))
+    # chapter 01's old in-cell lookup, row by row
+    for row, want in [("Task Arithmetic, λ=0.3 (papers' setting)", 69.1), ("Fisher Merging", 68.3),
+                      ("Ties-Merging (sum), λ=0.3 (val-selected)", 72.4), ("Individual", 90.5)]:
+        assert ref.first_reported("tiny", row, ("adamerging", "cart")) == want

@@ -74,6 +74,22 @@ def correctness(
     return out
 
 
+def entropy_and_loss(
+    suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None,
+    split: str = "test",
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-sample prediction entropy and cross-entropy loss (nats) of each task (AdaMerging Fig. 3)."""
+    tasks = list(tasks or suite.tasks)
+    data = _split(suite, split)
+    out = {}
+    for t in tasks:
+        logits = predict(suite.model, state_dict, suite.heads[t], data[t].images)
+        labels = data[t].labels.to(logits.device)
+        out[t] = {"entropy": entropy(logits).cpu().double().numpy(),
+                  "loss": F.cross_entropy(logits, labels, reduction="none").cpu().double().numpy()}
+    return out
+
+
 def evaluate(
     suite: Suite, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None,
     split: str = "test",

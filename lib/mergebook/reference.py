@@ -364,3 +364,16 @@ def kendall_tau(a: Sequence[float] | Mapping[str, float], b: Sequence[float] | M
     # τ-b: concordant minus discordant pairs over the geometric mean of the pairs untied in each
     denom = math.sqrt(float(np.count_nonzero(sx)) * float(np.count_nonzero(sy)))
     return float(np.sum(sx * sy) / denom) if denom > 0 else float("nan")
+
+
+def first_reported(profile: Any, method: str, papers: Sequence[str] = PAPERS, kind: str = "main") -> float:
+    """The first paper (in ``papers`` order) that reports ``method`` at the profile's scale: its average.
+
+    Chapter 01 quotes AdaMerging's Table 1 and falls back to CART's for the pretrained row, which
+    only CART prints: ``first_reported(profile, "Pretrained", ("adamerging", "cart"))``. NaN if none.
+    """
+    for paper in papers:
+        v = reported_average(paper, profile, method, kind)
+        if np.isfinite(v):
+            return v
+    return float("nan")
