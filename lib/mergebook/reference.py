@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ["paper", "table", "row", "column", "value"]
-PAPERS = ("adamerging", "concrete_subspace", "cart")
+PAPERS = ("adamerging", "concrete_subspace", "cart", "spectral")  # spectral: authors' result files, not paper text
 ENV_VAR = "MERGEBOOK_PAPER_TABLES"
 
 
