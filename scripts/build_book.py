@@ -30,8 +30,13 @@ Parameters: ``notebooks/params/<profile>.yaml`` is a flat mapping of keys shared
 (``profile``, ``device``, ``seed``, ...). A chapter receives only the keys that its own
 ``parameters`` cell defines, so papermill never warns about unknown parameters; ``-p key=value``
 overrides (YAML-parsed, so ``-p lambdas=[0.2,0.3]`` is a list) go the same way.
-Progress bars are switched off in the kernels (``TQDM_DISABLE=1`` unless already set): in a static
-page they are noise.
+Progress: the console shows, per chapter, a line for every code cell with its elapsed time (and a
+"still running" line every 30 s for a long one), and the chapters' tqdm bars (training,
+adaptation). The bars never enter the notebooks: a startup file in every kernel points tqdm at
+``_build/logs/NN_name.bars.log``, which this script echoes to its stderr as the file grows (on a
+terminal the bars animate; in a log, such as CI's, they update every 10 s, one line each). The logs
+stay in ``_build/logs/`` for a failed build's report. ``--quiet`` turns both off (and the bars
+with ``TQDM_DISABLE=1``).
 The execution-time page (``book/execution_times.md``) is written into the stage from papermill's
 metadata just before Sphinx runs.
 """
@@ -49,6 +54,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -218,10 +224,14 @@ def ensure_kernel(build_dir: Path = BUILD) -> str:
     """
     kernel_dir = build_dir / "jupyter" / "kernels" / KERNEL_NAME
     kernel_dir.mkdir(parents=True, exist_ok=True)
+    startup = build_dir / "jupyter" / "console_startup.py"
+    startup.write_text(KERNEL_STARTUP)
     spec = {
         # sys.executable, not its resolved target: a venv's python is a symlink, and resolving it
-        # would escape the venv.
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        # would escape the venv. The startup file sends tqdm bars to the build's console (it does
+        # nothing unless $MERGEBOOK_CONSOLE names a file).
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                 f"--IPKernelApp.exec_files={startup}"],
         "display_name": "Python 3 (ipykernel)",
         "language": "python",
         "metadata": {"debugger": False},
@@ -237,6 +247,167 @@ def ensure_kernel(build_dir: Path = BUILD) -> str:
     if argv0 != sys.executable:
         raise BuildError(f"kernel {KERNEL_NAME!r} resolves to {argv0}, not {sys.executable}")
     return KERNEL_NAME
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on the console: cells and their elapsed times, and the kernels' tqdm bars
+# --------------------------------------------------------------------------------------------
+
+CONSOLE_ENV = "MERGEBOOK_CONSOLE"
+LOG_DIR = BUILD / "logs"
+STILL_RUNNING_EVERY = 30.0  # seconds between "still running" lines of one long cell
+BARS_INTERVAL_IN_LOGS = "10"  # tqdm's mininterval (s) when the console is a log, not a terminal
+
+# Run by every kernel before the first cell (ipykernel's exec_files). Module-level names are
+# deleted again: the startup runs in the notebook's namespace.
+KERNEL_STARTUP = '''\
+# Written by scripts/build_book.py. tqdm bars go to the file $MERGEBOOK_CONSOLE, which the build
+# echoes to its console, instead of into the notebook (the book's pages stay clean).
+def _mergebook_console_bars():
+    import os
+
+    path = os.environ.get("MERGEBOOK_CONSOLE")
+    if not path:
+        return
+    try:
+        import tqdm.std
+    except ImportError:
+        return
+    console = open(path, "a", buffering=1, encoding="utf-8")
+    init = tqdm.std.tqdm.__init__
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("file") is None:
+            kwargs["file"] = console
+        init(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = __init__
+
+
+_mergebook_console_bars()
+del _mergebook_console_bars
+'''
+
+
+def _first_line(source: str, width: int = 60) -> str:
+    """The first non-comment line of a cell's source, shortened (what a cell line shows)."""
+    for line in source.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "%")):
+            return line if len(line) <= width else line[: width - 1] + "…"
+    return "(comments only)"
+
+
+class ConsoleProgress:
+    """Papermill cell hooks and a bar-log echo for one chapter: what ``make book`` prints.
+
+    ``hooks()`` go to ``papermill.execute_notebook`` (nbclient's ``on_cell_start`` and
+    ``on_cell_executed``). While a chapter runs, a thread prints a "still running" line for a
+    long cell and copies what the kernel's tqdm bars append to ``bars_log`` onto ``err``.
+    """
+
+    def __init__(self, name: str, bars_log: Path, out=None, err=None, tty: bool | None = None,
+                 every: float = STILL_RUNNING_EVERY):
+        self.name, self.bars_log, self.every = name, bars_log, every
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.tty = self.err.isatty() if tty is None else tty
+        self.total = self.started = 0
+        self.current: tuple[int, str, float] | None = None  # code-cell number, summary, start
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._offset = 0
+        self._pending = ""  # a bar update not yet ended by \r or \n (non-terminal mode)
+        self._last_line = ""
+
+    def start(self, code_cells: int) -> None:
+        """Begin a chapter of ``code_cells`` code cells: truncate the bar log, start the echo."""
+        self.total, self.started = code_cells, 0
+        self._stop.clear()
+        self.bars_log.parent.mkdir(parents=True, exist_ok=True)
+        self.bars_log.write_text("")
+        self._offset = 0
+        self._thread = threading.Thread(target=self._watch, name=f"progress-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the chapter: stop the thread and echo what is left of the bar log."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._echo_bars()
+        if self._pending.strip():
+            self._emit_err(("  " if not self.tty else "") + self._pending.strip() + "\n")
+            self._pending = ""
+
+    def hooks(self) -> dict[str, Any]:
+        """The keyword arguments to pass to papermill (through to nbclient)."""
+        return {"on_cell_start": self.cell_start, "on_cell_executed": self.cell_executed}
+
+    def cell_start(self, cell, cell_index: int, **_: Any) -> None:
+        """nbclient hook: a cell starts (cells run in order, so a counter numbers them)."""
+        if cell.cell_type != "code":
+            return
+        with self._lock:
+            self.started += 1
+            self.current = (self.started, _first_line(cell.source), time.perf_counter())
+
+    def cell_executed(self, cell, cell_index: int, **_: Any) -> None:
+        """nbclient hook: a cell finished (also when it raised): print its line."""
+        with self._lock:
+            if self.current is None:
+                return
+            number, summary, start = self.current
+            self.current = None
+        self._echo_bars()
+        self._emit_out(f"[{self.name}] cell {number}/{self.total} {time.perf_counter() - start:6.1f} s  {summary}\n")
+
+    def _watch(self) -> None:
+        last_note = time.perf_counter()
+        while not self._stop.wait(0.25):
+            self._echo_bars()
+            with self._lock:
+                current = self.current
+            if current and time.perf_counter() - max(current[2], last_note) >= self.every:
+                last_note = time.perf_counter()
+                number, summary, start = current
+                self._emit_out(f"[{self.name}] cell {number}/{self.total} still running, "
+                               f"{last_note - start:.0f} s  {summary}\n")
+
+    def _echo_bars(self) -> None:
+        try:
+            with open(self.bars_log, encoding="utf-8", errors="replace") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+                self._offset = f.tell()
+        except OSError:
+            return
+        if not chunk:
+            return
+        if self.tty:  # a terminal draws \r updates in place
+            self._emit_err(chunk)
+            return
+        # a log: every bar update becomes one line (tqdm rewrites its line with \r)
+        text = self._pending + chunk
+        parts = re.split(r"[\r\n]", text)
+        self._pending = parts.pop()
+        lines = []
+        for part in (p.strip() for p in parts):
+            if part and part != self._last_line:  # tqdm's close repeats the final update
+                lines.append(part)
+                self._last_line = part
+        if lines:
+            self._emit_err("".join(f"  {line}\n" for line in lines))
+
+    def _emit_out(self, text: str) -> None:
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def _emit_err(self, text: str) -> None:
+        with self._lock:
+            self.err.write(text)
+            self.err.flush()
 
 
 def sha256_file(path: Path) -> str:
@@ -276,7 +447,7 @@ def convert_source(source_py: Path, src_dir: Path) -> Path:
 
 def execute_chapter(source_py: Path, output: Path, parameters: dict[str, Any], *,
                     src_dir: Path, kernel_name: str = KERNEL_NAME, cell_timeout: int | None = None,
-                    log_output: bool = False) -> ChapterRun:
+                    log_output: bool = False, progress: ConsoleProgress | None = None) -> ChapterRun:
     """Convert ``source_py`` into ``src_dir``, execute it with papermill into ``output``.
 
     The kernel's working directory is ``output``'s folder. A failing cell does not raise here:
@@ -288,6 +459,16 @@ def execute_chapter(source_py: Path, output: Path, parameters: dict[str, Any], *
     run = ChapterRun(name=name, output=output, parameters=parameters)
     notebook = convert_source(source_py, src_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
+    hooks: dict[str, Any] = {}
+    previous_console = os.environ.get(CONSOLE_ENV)
+    if progress is not None:
+        import nbformat
+
+        # papermill adds one cell of injected parameters when there are any
+        nb = nbformat.read(str(notebook), as_version=4)
+        progress.start(sum(c.cell_type == "code" for c in nb.cells) + (1 if parameters else 0))
+        hooks = progress.hooks()
+        os.environ[CONSOLE_ENV] = str(progress.bars_log)  # the kernel inherits it at its start
     start = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -295,12 +476,20 @@ def execute_chapter(source_py: Path, output: Path, parameters: dict[str, Any], *
             cwd=str(output.parent), progress_bar=False, log_output=log_output,
             request_save_on_cell_execute=True, execution_timeout=cell_timeout,
             start_timeout=180,  # a cold kernel import of torch is slow on a busy 2-core machine
+            **hooks,
         )
     except pm.PapermillExecutionError as exc:
         run.error = f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"
         run.traceback = "\n".join(exc.traceback)
     except Exception as exc:  # kernel died, timeout, bad notebook: still a failed chapter
         run.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if progress is not None:
+            progress.stop()
+            if previous_console is None:
+                os.environ.pop(CONSOLE_ENV, None)
+            else:
+                os.environ[CONSOLE_ENV] = previous_console
     run.seconds = time.perf_counter() - start
     if output.exists():
         _stamp_output(output, source_py, parameters)
@@ -472,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=0,
                         help="seconds one cell may run before the chapter fails (0: no limit)")
     parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the log")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no per-cell lines and no progress bars on the console")
     parser.add_argument("--stage", default=None, metavar="DIR",
                         help="where executed notebooks go (default _build/stage; CI runs the hub-pico profile into "
                              "_build/stage-hub-pico with --no-html, beside the book)")
@@ -519,18 +710,25 @@ def _build(args: argparse.Namespace) -> int:
             if not any(key in d for d in defined.values()):
                 raise BuildError(f"-p {key}=...: no selected chapter has a parameter {key!r}")
         kernel = ensure_kernel()
-        # Progress bars mean nothing in a static page; the kernels inherit this (set it to 0 to
-        # keep them). tqdm >= 4.66 reads TQDM_* variables as defaults.
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        # Progress bars mean nothing in a static page, but a person waiting for the build wants
+        # them: the kernels' startup file sends them to _build/logs/, echoed here (see
+        # ConsoleProgress). In a log (CI) a bar updates every 10 s. tqdm >= 4.66 reads TQDM_*
+        # variables as defaults; --quiet switches the bars off.
+        if args.quiet:
+            os.environ.setdefault("TQDM_DISABLE", "1")
+        elif not sys.stderr.isatty():
+            os.environ.setdefault("TQDM_MININTERVAL", BARS_INTERVAL_IN_LOGS)
         if not args.only:  # a full build starts from a clean stage: no leftovers of older runs
             shutil.rmtree(stage / NOTEBOOK_DIR, ignore_errors=True)
         for name in selected:
             params = parameters_for(defined[name], profile_params, overrides)
             shown = ", ".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
             print(f"[{name}] executing with {shown or 'its defaults'}", flush=True)
+            console = None if args.quiet else ConsoleProgress(name, LOG_DIR / f"{name}.bars.log")
             run = execute_chapter(ROOT / NOTEBOOK_DIR / f"{name}.py", stage / NOTEBOOK_DIR / f"{name}.ipynb",
                                   params, src_dir=src_dir, kernel_name=kernel,
-                                  cell_timeout=args.cell_timeout or None, log_output=args.log_output)
+                                  cell_timeout=args.cell_timeout or None, log_output=args.log_output,
+                                  progress=console)
             status = "ok" if run.ok else f"FAILED: {run.error}"
             print(f"[{name}] {run.seconds:.1f} s, {status}", flush=True)
             runs.append(run)
