@@ -335,3 +335,21 @@ def test_dataset_download_failures_raise_the_same_message(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(hub.HubUnavailableError, match='tanganke/dtd.*profile="tiny"'):
         hub.load_split(hub.hub_task("DTD"))
+
+
+def test_cart_plus_plus_at_step_0_equals_cart_on_the_hf_checkpoints(suite):
+    """CART++ starts from CART's own vectors: Q/K/V stacked as one matrix, also for HF checkpoints."""
+    from mergebook import layout
+    from mergebook.methods import adamerging as am
+    from mergebook.methods import merge
+
+    space = am.cart_space(suite, ratio=0.25, device="cpu")
+    start = space.merge(torch.full((space.num_tasks,), 2.0))
+    info = suite.meta["layout_info"]
+    hf_pre = layout.from_canonical(suite.pretrained, info)
+    hf_fts = [layout.from_canonical(ft, info) for ft in suite.finetuned_list()]
+    cart_hf = merge("cart", hf_pre, hf_fts, scaling_coef=2.0, ratio=0.25)  # merged from HF-named files
+    back = layout.from_canonical(start, info)
+    for k in hf_pre:
+        torch.testing.assert_close(back[k], cart_hf[k], atol=1e-5, rtol=1e-5)
+    assert len(space.keys) == 4 * N_LAYERS  # one in_proj per block, not separate q, k, v
