@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_record_writes_json_to_the_env_path_and_is_a_no_op_outside_a_sweep(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["rec.json"]  # no temp file left behind
     with pytest.raises(sweep.SweepError, match="numbers"):
         sweep.record({"a": "high"})
+
+
+def test_results_keep_one_column_per_name_when_a_parameter_is_called_method(tmp_path: Path) -> None:
+    points = [sweep.Point(key=f"k{i}", params={"profile": "tiny", "method": m, "status": 1, "seed": 0})
+              for i, m in enumerate(["ties", "task_arithmetic"])]
+    df = sweep.results_frame(tmp_path, points)
+    assert list(df.columns[:6]) == ["key", "profile", "param_method", "param_status", "seed", "method"]
+    assert df["method"].tolist() == ["ties", "task_arithmetic"]  # no record yet: the parameter's value
+    assert df["status"].tolist() == ["pending", "pending"]
 
 
 def test_cli_reports_an_unknown_parameter_as_a_usage_error(toy: Path, tmp_path: Path, capsys) -> None:
@@ -277,6 +287,7 @@ def test_local_cluster_of_two_workers_runs_points_side_by_side(toy: Path, tmp_pa
     assert df["status"].tolist() == ["ok", "ok", "failed", "failed"]
     text = "".join(lines)
     assert "2 running" in text, text  # two single-threaded workers, one point each at a time
+    assert max(int(n) for n in re.findall(r"(\d+) running", text)) == 2, text
     assert "4/4 done" not in text and "2/4 done (0 already), 0 running, 2 failed, 0 pending" in text
     assert sweep.finished(out, df["key"].iloc[0]) and not sweep.finished(out, df["key"].iloc[2])
     lines.clear()

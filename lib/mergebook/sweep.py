@@ -58,6 +58,9 @@ KERNEL_NAME = "mergebook-sweep"
 GRID_KEYS = {"profile", "seeds", "grid", "points", "fixed"}
 RESERVED = {"profile", "seed"}  # set by the grid's own keys, never inside grid/points/fixed
 RESULTS = "results.parquet"
+#: columns of results.parquet that a parameter of the same name is renamed away from (param_NAME)
+RESERVED_COLUMNS = {"key", "profile", "seed", "method", "status", "avg_accuracy", "wall_time_s", "error",
+                    "notebook", "params_json"}
 POINT_FILE = "point.json"
 #: what a point's kernel gets: one OpenMP thread that sleeps when idle (spinning threads of
 #: several kernels on a few cores made them 10-50x slower here; see tests/conftest.py)
@@ -310,13 +313,29 @@ def run_point(source: str, suffix: str, params: Mapping[str, Any], *, point_id: 
     The result carries the executed notebook's text, the record, status (``ok``/``failed``),
     the error, wall time and the tail of papermill's log, so the caller needs no shared disk.
     """
-    if queue_name:  # tell the client this point started (its progress shows what is running)
-        try:
-            from distributed import Queue
+    _announce(queue_name, "start", point_id)
+    try:
+        return _run_point(source, suffix, params, point_id=point_id, threads=threads, timeout=timeout)
+    finally:
+        # Sent from the worker before the next point's "start", so the client never counts
+        # more points running than there are workers.
+        _announce(queue_name, "end", point_id)
 
-            Queue(queue_name).put(point_id)
-        except Exception:  # progress is a courtesy; never fail a point over it
-            pass
+
+def _announce(queue_name: str | None, event: str, point_id: str) -> None:
+    """Tell the sweep's client that a point started or ended (its progress shows what runs)."""
+    if not queue_name:
+        return
+    try:
+        from distributed import Queue
+
+        Queue(queue_name).put([event, point_id])
+    except Exception:  # progress is a courtesy; never fail a point over it
+        pass
+
+
+def _run_point(source: str, suffix: str, params: Mapping[str, Any], *, point_id: str, threads: int,
+               timeout: float | None) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {"key": point_id, "status": "failed", "error": None, "record": None, "notebook": None,
                               "log": "", "host": os.uname().nodename, "started": time.time()}
@@ -412,18 +431,24 @@ def _cell(value: Any) -> Any:
 
 
 def results_frame(out: str | os.PathLike, points: Sequence[Point], grid: Grid | None = None):
-    """One row per point (pending ones too): parameters, seed, method, status, accuracy, wall time."""
+    """One row per point (pending ones too): parameters, seed, method, status, accuracy, wall time.
+
+    A parameter named like a result column (``method``, ``status``, ...) becomes ``param_NAME``;
+    ``method`` is the label the notebook recorded (else the ``method`` parameter's value).
+    """
     import pandas as pd
 
     out = Path(out)
     names = list(dict.fromkeys(k for p in points for k in p.params if k not in ("profile", "seed")))
+    column = {n: f"param_{n}" if n in RESERVED_COLUMNS or n.startswith(("accuracy_", "metric_")) else n
+              for n in names}
     rows, tasks = [], []
     for p in points:
         pdir = _point_dir(out, p.key)
         meta = _read_json(pdir / POINT_FILE) or {}
         rec = _read_json(pdir / "record.json") if meta.get("status") == "ok" else None
         row: dict[str, Any] = {"key": p.key, "profile": p.params["profile"]}
-        row.update({n: _cell(p.params.get(n)) for n in names})
+        row.update({column[n]: _cell(p.params.get(n)) for n in names})
         row["seed"] = p.params["seed"]
         row["method"] = (rec or {}).get("method") or _cell(p.params.get("method"))
         row["status"] = meta.get("status", "pending")
@@ -442,7 +467,7 @@ def results_frame(out: str | os.PathLike, points: Sequence[Point], grid: Grid | 
     df = pd.DataFrame(rows)
     for t in tasks:
         df[f"accuracy_{t}"] = df.get(f"accuracy_{t}", math.nan)
-    lead = ["key", "profile", *names, "seed", "method", "status", "avg_accuracy", *[f"accuracy_{t}" for t in tasks]]
+    lead = ["key", "profile", *column.values(), "seed", "method", "status", "avg_accuracy", *[f"accuracy_{t}" for t in tasks]]
     rest = [c for c in df.columns if c not in lead]
     df = df[lead + rest]
     df["avg_accuracy"] = df["avg_accuracy"].astype(float)
@@ -562,7 +587,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | Mapp
 
     def finish(point: Point, result: Mapping[str, Any]) -> None:
         _save_point(out, point, result, notebook_sha)
-        bar.running.discard(point.key)
+        bar.running.discard(point.key)  # its "end" message may still be on its way
         if result["status"] == "ok":
             bar.done += 1
             bar.show()
@@ -588,14 +613,18 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | Mapp
         qname = f"mergebook-sweep-{uuid.uuid4().hex}"
         queue = Queue(qname, client=own_client)
         by_key = {p.key: p for p in todo}
+        ended: set[str] = set()
         # (``key=`` would be Dask's own task-key argument, hence ``point_id``)
         futures = {own_client.submit(run_point, source, notebook.suffix, p.params, point_id=p.key, threads=threads,
                                      timeout=timeout, queue_name=qname, pure=False): p for p in todo}
         pending = as_completed(futures)
         while not pending.is_empty():
-            for started in queue.get(batch=True):
-                if started in by_key:
-                    bar.running.add(started)
+            for event, key in queue.get(batch=True):
+                if key in by_key and event == "start":
+                    bar.running.add(key)
+                elif key in by_key:
+                    ended.add(key)
+            bar.running -= ended
             bar.show()
             batch = pending.next_batch(block=False)
             if not batch:
