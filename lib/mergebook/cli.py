@@ -3,10 +3,12 @@
     mergebook merge --method ties --pretrained pre.safetensors --finetuned a.safetensors b.safetensors \\
         --out merged.safetensors --param k=0.2 --param scaling_coef=0.3
     mergebook methods [NAME] [--json]
+    mergebook sweep NOTEBOOK --grid GRID.yaml --out runs/NAME [--workers N | --scheduler ADDRESS]
+    mergebook sweep report runs/NAME
 
 Subcommands are pluggable: a module registers one with :func:`register_subcommand` (a name and a
 ``setup(subparsers)`` function that adds its parser and sets ``func``), and is imported when the
-parser is built if it is listed in :data:`PLUGINS` (``mergebook.sweep`` is, once it exists).
+parser is built if it is listed in :data:`PLUGINS` (``mergebook.sweep`` registers ``sweep``).
 User errors (bad method, parameter, checkpoint, path) print one line and exit with status 2,
 without a traceback; bugs still raise.
 """
@@ -319,4 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mergebook.cli`: plugins register into the importable mergebook.cli, not into this
+    # __main__ copy of it, so run that module's main.
+    from mergebook.cli import main as _main
+
+    sys.exit(_main())
