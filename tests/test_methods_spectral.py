@@ -363,3 +363,67 @@ def test_combine_rejects_a_drop_rate_of_one(pico):
     pre, fts = pico
     with pytest.raises(MergeError, match="drop"):
         combine(pre, task_vectors(pre, fts), 0.3, drop=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chapter's measures (mergebook.spectral_analysis)
+
+
+def test_effective_rank_is_full_for_a_flat_spectrum_and_one_for_rank_one():
+    from mergebook.spectral_analysis import effective_rank
+
+    assert effective_rank(torch.ones(10)) == pytest.approx(10.0)
+    assert effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    # exp(entropy) of p = (0.5, 0.25, 0.25) is 2^1.5
+    assert effective_rank(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx(2 ** 1.5)
+
+
+def test_energy_rank_follows_the_iso_code_index():
+    from mergebook.spectral_analysis import energy_rank
+
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    e = np.sqrt(np.cumsum(s.numpy() ** 2) / (s.numpy() ** 2).sum())
+    assert energy_rank(s, 0.95) == int(np.argmax(e > 0.95)) == 1  # 0-based: one fewer than the count
+
+
+def test_sar_is_one_inside_the_merged_subspace_and_zero_outside():
+    from mergebook.spectral_analysis import subspace_alignment_ratio
+
+    m = torch.zeros(6, 6, dtype=torch.float64)
+    m[0, 0], m[1, 1] = 2.0, 1.9  # sqrt energy (0.72, 1): first index above 0.9 is 1, so k = 1 keeps e1
+    inside = torch.zeros(6, 6, dtype=torch.float64)
+    inside[0, 3] = 1.0
+    outside = torch.zeros(6, 6, dtype=torch.float64)
+    outside[5, 2] = 1.0
+    assert subspace_alignment_ratio(inside, m, 0.9) == pytest.approx(1.0)
+    assert subspace_alignment_ratio(outside, m, 0.9) == pytest.approx(0.0)
+
+
+def test_sti_is_zero_for_orthogonal_tasks_and_matches_its_definition():
+    from mergebook.spectral_analysis import singular_task_interference
+
+    d = torch.zeros(2, 8, 8, dtype=torch.float64)
+    d[0, :4, :4] = _rand(4, 4, seed=1)
+    d[1, 4:, 4:] = _rand(4, 4, seed=2)
+    assert singular_task_interference(d) == pytest.approx(0.0, abs=1e-12)
+    x = _rand(T, 9, 6, seed=4)
+    k = 2
+    us, ss, vs = [], [], []
+    for t in range(T):
+        u, s, vh = np.linalg.svd(x[t].numpy(), full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
+    U, V, Sg = np.hstack(us), np.hstack(vs), np.diag(np.concatenate(ss))
+    ref = np.abs((U.T @ U - np.eye(T * k)) @ Sg @ (V.T @ V - np.eye(T * k))).sum()
+    assert singular_task_interference(x, k=k, normalise=False) == pytest.approx(ref, rel=1e-10)
+    assert singular_task_interference(x, k=k) == pytest.approx(ref / Sg.sum(), rel=1e-10)
+
+
+def test_spectral_report_sees_iso_c_flat_and_task_arithmetic_not(pico):
+    from mergebook.spectral_analysis import spectral_report
+
+    pre, fts = pico
+    merged = {"Iso-C": merge("iso_c", pre, fts), "TA": merge("task_arithmetic", pre, fts)}
+    rep = spectral_report(pre, fts, merged)
+    share = rep["matrices"].groupby("method")["eff_rank_share"].min()
+    assert share["Iso-C"] == pytest.approx(1.0, abs=1e-9) and share["TA"] < 0.999
+    assert set(rep["sar"]["task"]) == set(range(T)) and rep["sar"]["sar"].between(0, 1 + 1e-12).all()

@@ -27,6 +27,11 @@ METHOD_COLORS: dict[str, str] = {
     "Concrete AdaMerging": "#1b5e20",
     "CART": "#d62728",
     "CART++": "#9e1b1b",
+    "TSV-M": "#7b3294",
+    "Iso-C": "#17becf",
+    "Iso-CTS": "#0b6e79",
+    "DARE + TA": "#b8860b",
+    "DARE + Ties": "#1f3b73",
 }
 MISSING_COLOR = "#333333"
 

@@ -14,15 +14,14 @@ method's output can be analysed the same way:
 * :func:`singular_task_interference`: TSV's STI = ‖(UᵀU − I) Σ (VᵀV − I)‖₁ over the tasks' stacked
   top-k singular vectors (entrywise L1 norm), here divided by Σσ so that layers compare.
 * :func:`spectral_report`: all of the above for several methods' merged models, as tidy frames.
-* :func:`time_merges` and :func:`recorded_benchmark`: live timings of the merges on the active
-  suite, and the ViT-B/32 figures recorded by ``benchmarks/spectral.py``.
+* :func:`time_merges` and :func:`recorded_benchmark`: live wall times of the merges on the active
+  suite, and the ViT-B/32 figures (time and peak memory) recorded by ``benchmarks/spectral.py``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import tracemalloc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -184,10 +183,13 @@ def spectral_report(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[
         upd = matrix_updates(pretrained, sd, keys)
         spectra[method] = {}
         for k in keys:
-            s = torch.linalg.svdvals(upd[k])
+            u, s, _ = torch.linalg.svd(upd[k], full_matrices=False)
             r = len(s)
             top = max(1, int(energy_at * r))
-            sars = [subspace_alignment_ratio(deltas[k][t], upd[k], threshold) for t in range(len(finetuned))]
+            uk = u[:, :energy_rank(s, threshold)]
+            # SAR of every task at once against this update's top subspace (one SVD per update)
+            sars = (torch.linalg.norm(uk @ (uk.T @ deltas[k]), dim=(-2, -1))
+                    / torch.linalg.norm(deltas[k], dim=(-2, -1))).tolist()
             sar_rows += [{"method": method, "key": k, "task": t, "sar": v} for t, v in enumerate(sars)]
             er = effective_rank(s)
             rows.append({"method": method, "key": k, "layer": _layer_of(k), "kind": _kind(k), "rank": r,
@@ -207,24 +209,20 @@ def spectral_report(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[
 
 def time_merges(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                 methods: Mapping[str, tuple[str, Mapping[str, Any]]], repeats: int = 1) -> pd.DataFrame:
-    """Wall seconds (best of ``repeats``) and peak traced Python-heap MiB of each ``merge(name, **kw)``.
+    """Wall seconds (best of ``repeats``) of each ``merge(name, **kw)``; ``methods`` maps a label to (name, params).
 
-    ``methods`` maps a label to (registered name, parameters). Memory is what ``tracemalloc`` sees
-    (torch CPU tensors included), above the inputs; use ``benchmarks/spectral.py`` for RSS and GPU.
+    Memory is not measured here (torch's CPU allocator is invisible to ``tracemalloc``, and RSS
+    needs a fresh process): ``benchmarks/spectral.py`` measures peak RSS and GPU memory.
     """
     rows = []
     for label, (name, kw) in methods.items():
         best = float("inf")
-        peak = 0.0
         for _ in range(max(1, int(repeats))):
-            tracemalloc.start()
             t = time.perf_counter()
             out = merge(name, pretrained, finetuned, **dict(kw))
             best = min(best, time.perf_counter() - t)
-            peak = max(peak, tracemalloc.get_traced_memory()[1] / 2**20)
-            tracemalloc.stop()
             del out
-        rows.append({"method": label, "wall_s": best, "peak_mib": peak})
+        rows.append({"method": label, "wall_s": best})
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -251,3 +249,139 @@ def recorded_benchmark_frame(path: str | Path | None = None,
     return df
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The chapter's method table: selection, merged models, reported rows, figures
+
+#: label -> (paper, table, row, column) of the reported CLIP ViT-B/32 average shown beside our rows.
+REPORTED_B32 = {
+    "Task Arithmetic": ("adamerging", "1", "Task Arithmetic", "Avg Acc"),
+    "Ties-Merging (sum)": ("adamerging", "1", "Ties-Merging", "Avg Acc"),
+    "CART": ("cart", "1", "CART (Ours)", "Average"),
+    "TSV-M": ("spectral", "tsv-results:ViT-B-32", "TSV-M", "Average"),
+    "Iso-C": ("spectral", "fusionbench-docs:clip-vit-base-patch32", "ISO-C (scaling factor=1.5)", "Average"),
+    "Iso-CTS": ("spectral", "fusionbench-docs:clip-vit-base-patch32", "ISO-CTS (scaling factor=1.5)", "Average"),
+}
+
+
+def reported_averages(labels: Sequence[str], rows: Mapping[str, tuple[str, str, str, str]] = REPORTED_B32
+                      ) -> dict[str, float]:
+    """The reported ViT-B/32 average of each label that has one (see :data:`REPORTED_B32`)."""
+    from .reference import reported
+
+    return {lab: reported(*rows[lab]) for lab in labels if lab in rows}
+
+
+def select_methods(suite: Any, specs: Mapping[str, tuple[str, Sequence[float], Mapping[str, Any]]],
+                   cache_prefix: str = "ch06") -> dict[str, dict[str, Any]]:
+    """:func:`select_and_score` for every label → (method, grid of scaling_coef, fixed params)."""
+    return {lab: select_and_score(suite, m, grid, name=f"{cache_prefix}-{m}-{lab}", **dict(kw))
+            for lab, (m, grid, kw) in specs.items()}
+
+
+def chosen_frame(selections: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Label × (grid searched, chosen coefficient, its val average, its test average)."""
+    return pd.DataFrame({lab: {"grid (val)": ", ".join(s["val"]), "chosen": f"{s['chosen']:g}",
+                               "val avg": round(s["val"][f"{s['chosen']:g}"], 1), "test avg": round(s["test"]["avg"], 1)}
+                         for lab, s in selections.items()}).T
+
+
+def merged_models(suite: Any, specs: Mapping[str, tuple[str, Sequence[float], Mapping[str, Any]]],
+                  selections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each label's merged state dict at its chosen coefficient."""
+    pre, fts = suite.pretrained, suite.finetuned_list()
+    return {lab: merge(m, pre, fts, scaling_coef=selections[lab]["chosen"], **dict(kw))
+            for lab, (m, _, kw) in specs.items()}
+
+
+def method_summary(report: Mapping[str, Any]) -> pd.DataFrame:
+    """Per method, means over matrices: effective-rank share, energy in the top share, SAR (and its min over tasks)."""
+    mats = report["matrices"]
+    out = mats.groupby("method", sort=False)[["eff_rank_share", "energy_top", "sar_mean"]].mean()
+    sar_task = report["sar"].groupby(["method", "task"], sort=False)["sar"].mean().groupby("method", sort=False).min()
+    out["sar_worst_task"] = sar_task
+    return out
+
+
+def plot_example_spectra(ax: Any, report: Mapping[str, Any], key: str, color: Any) -> None:
+    """σ/σ_max of one matrix's merged update for every method, against the direction's share of the rank."""
+    for method, spec in report["spectra"].items():
+        s = np.asarray(spec[key])
+        ax.plot(100 * np.arange(1, len(s) + 1) / len(s), s, color=color(method), label=method, lw=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular direction, % of rank")
+    ax.set_ylabel("σ / σ_max of the merged update")
+
+
+def plot_layer_metric(ax: Any, report: Mapping[str, Any], metric: str, color: Any, kind: str | None = None) -> None:
+    """A per-matrix metric against the block index (forward order) for every method; mean over kinds unless ``kind``."""
+    mats = report["matrices"]
+    mats = mats[(mats["layer"] >= 0) & (mats["layer"] < 10_000)]
+    if kind is not None:
+        mats = mats[mats["kind"] == kind]
+    per = mats.groupby(["method", "layer"], sort=False)[metric].mean()
+    for method in dict.fromkeys(mats["method"]):
+        s = per.loc[method].sort_index()
+        ax.plot(s.index, s.values, "o-", ms=3, color=color(method), label=method)
+    ax.set_xlabel("residual block (input → output)")
+
+
+def plot_recorded_times(ax: Any, frame: pd.DataFrame, color: Any) -> None:
+    """Horizontal bars of the recorded ViT-B/32 merge times (12-block extrapolation), one colour per method."""
+    if frame.empty:
+        ax.text(0.5, 0.5, "no recorded benchmark", ha="center", va="center", transform=ax.transAxes)
+        return
+    y = np.arange(len(frame))
+    ax.barh(y, frame["wall_s_12_blocks"].to_numpy(float), color=[color(m) for m in frame.index])
+    ax.set_yticks(y, list(frame.index))
+    ax.invert_yaxis()
+    ax.set_xlabel("merge wall time at ViT-B/32 shapes, 8 tasks (s, CPU)")
+
+
+__all__ += ["REPORTED_B32", "reported_averages", "select_methods", "chosen_frame", "merged_models", "method_summary",
+            "plot_example_spectra", "plot_layer_metric", "plot_recorded_times"]
+
+
+def correct_by_method(selections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """Label → packed per-sample test correctness of its chosen point (for ``experiment.results_frame``)."""
+    return {lab: s["correct"] for lab, s in selections.items()}
+
+
+def chosen_specs(specs: Mapping[str, tuple[str, Sequence[float], Mapping[str, Any]]],
+                 selections: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label → (method, parameters with the chosen scaling_coef), as :func:`time_merges` takes them."""
+    return {lab: (m, {**dict(kw), "scaling_coef": selections[lab]["chosen"]}) for lab, (m, _, kw) in specs.items()}
+
+
+def sti_by_block(report: Mapping[str, Any]) -> pd.DataFrame:
+    """Mean normalised STI (top-r/T and full rank) of the matrices of each residual block."""
+    sti = report["sti"]
+    return sti[(sti["layer"] >= 0) & (sti["layer"] < 10_000)].groupby("layer")[["sti_topk", "sti_full"]].mean()
+
+
+def sar_by_task(report: Mapping[str, Any], tasks: Sequence[str]) -> pd.DataFrame:
+    """Method × task mean subspace alignment ratio over matrices (task indices named by ``tasks``)."""
+    sar = report["sar"].copy()
+    sar["task"] = [tasks[i] for i in sar["task"]]
+    return sar.pivot_table(index="method", columns="task", values="sar", aggfunc="mean", sort=False)[list(tasks)]
+
+
+def plot_results(ax: Any, frame: pd.DataFrame, color: Any) -> None:
+    """Bars of each method's average with its interval, and the reported average as a diamond."""
+    y = np.arange(len(frame))
+    ax.barh(y, frame["avg"], color=[color(m) for m in frame.index], alpha=0.9)
+    ax.errorbar(frame["avg"], y, xerr=[frame["avg"] - frame["lo"], frame["hi"] - frame["avg"]], fmt="none",
+                ecolor="black", capsize=3, lw=1)
+    if "reported" in frame.columns:
+        ax.scatter(frame["reported"], y, marker="D", color="white", edgecolor="black", zorder=3,
+                   label="reported (ViT-B/32)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(y, list(frame.index))
+    ax.invert_yaxis()
+    lo = np.nanmin(np.r_[frame["lo"].to_numpy(float), frame.get("reported", frame["lo"]).to_numpy(float)])
+    ax.set_xlim(max(0.0, lo - 5), 100)
+    ax.set_xlabel("average test accuracy over the tasks (%)")
+
+
+__all__ += ["correct_by_method", "chosen_specs", "sti_by_block", "sar_by_task", "plot_results"]
