@@ -236,7 +236,7 @@ def test_a_killed_sweep_resumes_running_only_the_missing_points(toy: Path, tmp_p
     grid.write_text(f"profile: tiny\nseeds: [0]\ngrid:\n  x: [1.0, 2.0, 3.0, 4.0]\n"
                     f"fixed:\n  log: {str(log)!r}\n  sleep_from: 3.0\n")
     Path(str(log) + ".block").touch()  # points x >= 3 hang until killed
-    cmd = [sys.executable, "-c", "import sys; from mergebook.cli import main; sys.exit(main())", "sweep", str(toy), "--grid", str(grid), "--out", str(out),
+    cmd = [sys.executable, "-m", "mergebook.cli", "sweep", str(toy), "--grid", str(grid), "--out", str(out),
            "--workers", "0"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
