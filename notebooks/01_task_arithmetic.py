@@ -74,12 +74,10 @@ import pandas as pd
 import torch
 from myst_nb import glue
 
+from mergebook import experiment as ex
 from mergebook import plotting
-from mergebook.evaluate import evaluate
-from mergebook.methods import merge
 from mergebook.profiles import load_suite
-from mergebook.reference import paper_table_wide
-from mergebook.results import cached_result
+from mergebook.reference import first_reported, paper_table_wide, reference_arch
 
 torch.manual_seed(seed)
 plotting.apply_style()
@@ -97,36 +95,17 @@ pre, fts = suite.pretrained, suite.finetuned_list()
 
 
 # %%
-def sweep(method: str, grid: list[float], **params) -> dict:
-    """Merge at each coefficient of ``grid`` and evaluate on val and test."""
-    def compute():
-        out = {}
-        for lam in grid:
-            sd = merge(method, pre, fts, scaling_coef=lam, **params)
-            out[f"{lam:g}"] = {"test": evaluate(suite, sd), "val": evaluate(suite, sd, split="val")}
-        return out
-    return cached_result(suite, f"sweep-{method}", {"grid": grid, **params}, compute)
-
-
 sweeps = {
-    "Task Arithmetic": sweep("task_arithmetic", lambdas),
+    "Task Arithmetic": ex.sweep(suite, "task_arithmetic", lambdas),
     # extra_zeros: the profile's trim population (the text-tower zeros of the original checkpoints)
-    "Ties-Merging (sum)": sweep("ties", lambdas, k=ties_k, disjoint="sum",
+    "Ties-Merging (sum)": ex.sweep(suite, "ties", lambdas, k=ties_k, disjoint="sum",
                                 extra_zeros=suite.meta.get("ties_extra_zeros", 0)),
-    "Ties-Merging (mean)": sweep("ties", ties_mean_lambdas, k=ties_k, disjoint="mean",
+    "Ties-Merging (mean)": ex.sweep(suite, "ties", ties_mean_lambdas, k=ties_k, disjoint="mean",
                                  extra_zeros=suite.meta.get("ties_extra_zeros", 0)),
 }
 
 
-def frame(res: dict, split: str = "test") -> pd.DataFrame:
-    """Sweep results as a coefficient x task table."""
-    df = pd.DataFrame({lam: r[split] for lam, r in res.items()}).T
-    df.index = [float(i) for i in df.index]
-    df.index.name = "λ"
-    return df[tasks + ["avg"]].sort_index()
-
-
-ta = frame(sweeps["Task Arithmetic"])
+ta = ex.sweep_frame(sweeps["Task Arithmetic"], tasks)
 glue("tab_ta_sweep", ta.round(1), display=False)
 ta.round(1)
 
@@ -139,7 +118,7 @@ ta.round(1)
 # model).
 
 # %%
-ties_sum = frame(sweeps["Ties-Merging (sum)"])
+ties_sum = ex.sweep_frame(sweeps["Ties-Merging (sum)"], tasks)
 glue("tab_ties_sweep", ties_sum.round(1), display=False)
 ties_sum.round(1)
 
@@ -157,7 +136,7 @@ avg_col = [c for c in paper_ta.columns if c.lower().startswith("avg")][0]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
 ax = axes[0]
 for name, res in sweeps.items():
-    df = frame(res)
+    df = ex.sweep_frame(res, tasks)
     ls = "--" if "mean" in name else "-"
     plotting.sweep(ax, df.index, df["avg"], name, linestyle=ls)
 ax.set_xlabel("scaling coefficient λ")
@@ -215,59 +194,21 @@ plt.close(fig)
 
 
 # %%
-def best_on_val(res: dict) -> str:
-    """The coefficient with the highest validation average."""
-    return max(res, key=lambda lam: res[lam]["val"]["avg"])
-
-
-def _data_methods():
-    model, heads = suite.model, [suite.heads[t] for t in tasks]
-    data = [suite.val[t].sample(fisher_examples, seed).images for t in tasks]  # seeded: hub splits may be class-sorted
-    wa = merge("weight_averaging", pre, fts)
-    fisher = merge("fisher", pre, fts, model=model, heads=heads, data=data, num_examples=fisher_examples)
-    regmean = merge("regmean", pre, fts, model=model, data=data, num_examples=fisher_examples, alpha=regmean_alpha)
-    return {"Weight Averaging": evaluate(suite, wa), "Fisher Merging": evaluate(suite, fisher),
-            "RegMean": evaluate(suite, regmean)}
-
-
 rows = {}
-mtx = cached_result(suite, "cross_task_matrix_diag", {}, lambda: {
-    "Pretrained": evaluate(suite, pre),
-    "Individual": {**{t: evaluate(suite, suite.finetuned[t], [t])[t] for t in tasks}},
-    # No multi-task checkpoint is published for the CLIP profiles: that row is reported, not run.
-    **({"Traditional MTL": evaluate(suite, suite.meta["mtl"])} if "mtl" in suite.meta else {}),
-})
-mtx["Individual"]["avg"] = float(np.mean([mtx["Individual"][t] for t in tasks]))
-rows.update(mtx)
-rows.update(cached_result(suite, "data_methods", {"n": fisher_examples, "alpha": regmean_alpha, "seed": seed}, _data_methods))
+rows.update(ex.reference_rows(suite)["accuracy"])  # Pretrained, Individual, MTL (where a checkpoint exists)
+rows.update(ex.data_using_rows(suite, fisher_examples, regmean_alpha, seed)["accuracy"])
 chosen = {}
 for name in ["Task Arithmetic", "Ties-Merging (sum)", "Ties-Merging (mean)"]:
-    lam = best_on_val(sweeps[name])
+    lam = ex.best_on_val(sweeps[name])
     chosen[name] = lam
     rows[f"{name}, λ={lam} (val-selected)"] = sweeps[name][lam]["test"]
 rows["Task Arithmetic, λ=0.3 (papers' setting)"] = sweeps["Task Arithmetic"]["0.3"]["test"]
 rows["Ties-Merging (sum), λ=0.3 (papers' setting)"] = sweeps["Ties-Merging (sum)"]["0.3"]["test"]
 table = pd.DataFrame(rows).T.reindex(columns=tasks + ["avg"])
 
-paper1 = paper_table_wide("adamerging", "1")
-paper_avg = [c for c in paper1.columns if c.lower().startswith("avg")][0]
-cart1 = paper_table_wide("cart", "1")
-
-
-def reported(row: str) -> float:
-    """The paper's ViT-B/32 average for the method family of ``row`` (AdaMerging Table 1; CART Table 1 for pretrained)."""
-    if row == "Pretrained":
-        return float(cart1.loc["Pretrained", "Average"])
-    for key, paper_row in [("Individual", "Individual"),
-                           ("Traditional MTL", "Traditional MTL"), ("Weight Averaging", "Weight Averaging"),
-                           ("Fisher", "Fisher Merging"), ("RegMean", "RegMean"),
-                           ("Task Arithmetic", "Task Arithmetic"), ("Ties-Merging (sum)", "Ties-Merging")]:
-        if row.startswith(key) and paper_row in paper1.index:
-            return float(paper1.loc[paper_row, paper_avg])
-    return float("nan")
-
-
-table["reported ViT-B/32 avg"] = [reported(r) for r in table.index]
+# AdaMerging's table of the profile's scale; only CART prints the pretrained row
+table[f"reported {reference_arch(profile)} avg"] = [first_reported(profile, r, ("adamerging", "cart"))
+                                                    for r in table.index]
 glue("tab_table1", table.round(1), display=False)
 table.round(1)
 
@@ -281,15 +222,15 @@ table.round(1)
 # `mean` row has no paper number.
 
 # %%
-ta_curve = frame(sweeps["Task Arithmetic"])["avg"]
-ties_curve = frame(sweeps["Ties-Merging (sum)"])["avg"]
+ta_curve = ex.sweep_frame(sweeps["Task Arithmetic"], tasks)["avg"]
+ties_curve = ex.sweep_frame(sweeps["Ties-Merging (sum)"], tasks)["avg"]
 facts = {
     "wa": rows["Weight Averaging"]["avg"], "ta_best": ta_curve.max(), "ta_best_lam": ta_curve.idxmax(),
     "ta_1": ta_curve.loc[1.0], "ties_best": ties_curve.max(), "ties_best_lam": ties_curve.idxmax(),
     "ties_1": ties_curve.loc[1.0], "pre": rows["Pretrained"]["avg"], "ind": rows["Individual"]["avg"],
     "mtl": rows.get("Traditional MTL", {}).get("avg", float("nan")), "fisher": rows["Fisher Merging"]["avg"],
     "regmean": rows["RegMean"]["avg"],
-    "ties_mean_best": frame(sweeps["Ties-Merging (mean)"])["avg"].max(),
+    "ties_mean_best": ex.sweep_frame(sweeps["Ties-Merging (mean)"], tasks)["avg"].max(),
 }
 for k, v in facts.items():
     glue(k, f"{v:.1f}" if "lam" not in k else f"{v:g}", display=False)
