@@ -368,11 +368,12 @@ def sar_by_task(report: Mapping[str, Any], tasks: Sequence[str]) -> pd.DataFrame
 
 
 def plot_results(ax: Any, frame: pd.DataFrame, color: Any) -> None:
-    """Bars of each method's average with its interval, and the reported average as a diamond."""
+    """Each method's average as a dot in its colour with its interval, and the reported average as a diamond."""
     y = np.arange(len(frame))
-    ax.barh(y, frame["avg"], color=[color(m) for m in frame.index], alpha=0.9)
+    # dots, not bars: the axis does not start at 0, and a truncated bar would exaggerate differences
     ax.errorbar(frame["avg"], y, xerr=[frame["avg"] - frame["lo"], frame["hi"] - frame["avg"]], fmt="none",
                 ecolor="black", capsize=3, lw=1)
+    ax.scatter(frame["avg"], y, s=60, color=[color(m) for m in frame.index], zorder=3, label="this run")
     if "reported" in frame.columns:
         ax.scatter(frame["reported"], y, marker="D", color="white", edgecolor="black", zorder=3,
                    label="reported (ViT-B/32)")
