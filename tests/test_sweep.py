@@ -6,6 +6,7 @@ The slow tests execute them with papermill in real kernels, as a sweep does.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -191,11 +192,15 @@ def test_report_draws_one_line_per_method_with_a_band_over_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_points_run_with_injected_parameters_and_a_failing_point_is_isolated(toy: Path, tmp_path: Path) -> None:
+def test_points_run_with_injected_parameters_and_a_failing_point_is_isolated(
+        toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "runs" / "toy"
+    console = tmp_path / "console.log"  # what `make book` sets in a chapter's kernel
+    monkeypatch.setenv(sweep.CONSOLE_ENV, str(console))
     grid = {"profile": "tiny", "seeds": [0], "grid": {"x": [1.0, 2.0, 3.0]}, "fixed": {"fail_at": 2.0}}
-    df = sweep.run_sweep(toy, grid, out, workers=0, progress=False)
+    df = sweep.run_sweep(toy, grid, out, workers=0, stream=io.StringIO())
     assert list(df["status"]) == ["ok", "failed", "ok"]
+    assert "[sweep toy] 2/3 done (0 already), 0 running, 1 failed, 0 pending" in console.read_text()
     failed = df[df["status"] == "failed"].iloc[0]
     assert "RuntimeError: boom at x=2.0" in failed["error"]
     assert df.loc[df["status"] == "ok", "avg_accuracy"].tolist() == [15.0, 45.0]  # (10x + 20x) / 2
@@ -288,6 +293,8 @@ def test_local_cluster_of_two_workers_runs_points_side_by_side(toy: Path, tmp_pa
     text = "".join(lines)
     assert "2 running" in text, text  # two single-threaded workers, one point each at a time
     assert max(int(n) for n in re.findall(r"(\d+) running", text)) == 2, text
+    pending = [int(n) for n in re.findall(r"(\d+) pending", text)]
+    assert pending == sorted(pending, reverse=True), text  # a point never goes back to pending
     assert "4/4 done" not in text and "2/4 done (0 already), 0 running, 2 failed, 0 pending" in text
     assert sweep.finished(out, df["key"].iloc[0]) and not sweep.finished(out, df["key"].iloc[2])
     lines.clear()

@@ -55,6 +55,8 @@ RECORD_ENV = "MERGEBOOK_SWEEP_RECORD"
 #: the small sweepable notebook shipped with the library: one training-free merge, evaluated
 EXAMPLE_NOTEBOOK = Path(__file__).resolve().parent / "assets" / "sweeps" / "merge_point.py"
 KERNEL_NAME = "mergebook-sweep"
+#: set by scripts/build_book.py in a chapter's kernel: a file it echoes to the build's console
+CONSOLE_ENV = "MERGEBOOK_CONSOLE"
 GRID_KEYS = {"profile", "seeds", "grid", "points", "fixed"}
 RESERVED = {"profile", "seed"}  # set by the grid's own keys, never inside grid/points/fixed
 RESULTS = "results.parquet"
@@ -523,20 +525,29 @@ class _Progress:
         self.name, self.total, self.skipped, self.stream, self.enabled = name, total, skipped, stream, enabled
         self.done = self.failed = 0
         self.running: set[str] = set()
+        self.ending: set[str] = set()  # ended on its worker, its result not yet written here
         self.start = time.perf_counter()
         self._last = None
 
     def show(self, note: str = "") -> None:
         todo = self.total - self.skipped
-        pending = todo - self.done - self.failed - len(self.running)
+        pending = todo - self.done - self.failed - len(self.running) - len(self.ending)
         counts = (self.done, len(self.running), self.failed, pending)
         if not self.enabled or (counts == self._last and not note):
             return
         self._last = counts
         el = time.perf_counter() - self.start
-        print(f"[sweep {self.name}] {self.done + self.skipped}/{self.total} done ({self.skipped} already), "
-              f"{len(self.running)} running, {self.failed} failed, {max(pending, 0)} pending  "
-              f"[{el:.0f} s]{'  ' + note if note else ''}", file=self.stream, flush=True)
+        line = (f"[sweep {self.name}] {self.done + self.skipped}/{self.total} done ({self.skipped} already), "
+                f"{len(self.running)} running, {self.failed} failed, {max(pending, 0)} pending  "
+                f"[{el:.0f} s]{'  ' + note if note else ''}")
+        print(line, file=self.stream, flush=True)
+        console = os.environ.get(CONSOLE_ENV)
+        if console:  # inside `make book`: the build echoes this file to its console
+            try:
+                with open(console, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            except OSError:
+                pass
 
 
 def _make_client(workers: int | None, scheduler: str | None):
@@ -585,9 +596,13 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | Mapp
     bar = _Progress(out.name, len(points), len(points) - len(todo), stream or sys.stderr, progress)
     bar.show()
 
+    written: set[str] = set()  # points whose result finish() has saved
+
     def finish(point: Point, result: Mapping[str, Any]) -> None:
         _save_point(out, point, result, notebook_sha)
         bar.running.discard(point.key)  # its "end" message may still be on its way
+        bar.ending.discard(point.key)
+        written.add(point.key)
         if result["status"] == "ok":
             bar.done += 1
             bar.show()
@@ -613,18 +628,17 @@ def run_sweep(notebook: str | os.PathLike, grid: Grid | str | os.PathLike | Mapp
         qname = f"mergebook-sweep-{uuid.uuid4().hex}"
         queue = Queue(qname, client=own_client)
         by_key = {p.key: p for p in todo}
-        ended: set[str] = set()
         # (``key=`` would be Dask's own task-key argument, hence ``point_id``)
         futures = {own_client.submit(run_point, source, notebook.suffix, p.params, point_id=p.key, threads=threads,
                                      timeout=timeout, queue_name=qname, pure=False): p for p in todo}
         pending = as_completed(futures)
         while not pending.is_empty():
             for event, key in queue.get(batch=True):
-                if key in by_key and event == "start":
+                if key in by_key and event == "start" and key not in written:
                     bar.running.add(key)
-                elif key in by_key:
-                    ended.add(key)
-            bar.running -= ended
+                elif key in by_key and key not in written:
+                    bar.running.discard(key)
+                    bar.ending.add(key)
             bar.show()
             batch = pending.next_batch(block=False)
             if not batch:
