@@ -164,8 +164,9 @@ glue("rerun_same", "the same" if again["avg_accuracy"].equals(results["avg_accur
 # `runs/NAME/results.parquet` has one row per point: the swept and fixed parameters, the seed,
 # the method label the notebook recorded, the status, the average and per-task accuracies, the
 # wall time, the error of a failed point and the path of its executed notebook. It is rewritten
-# atomically after every point, so a half-finished sweep can already be read. The figure is
-# drawn from the file alone, by the same function as `mergebook sweep report`:
+# atomically after every point, so a half-finished sweep can already be read (this build's file:
+# {download}`results.parquet <runs/08_ta_ties/results.parquet>`). The figure is drawn from the
+# file alone, by the same function as `mergebook sweep report`:
 
 # %% tags=["hide-input", "remove-output"]
 frame = sweep.load_results(out)
