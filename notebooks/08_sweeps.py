@@ -149,7 +149,8 @@ glue("n_workers", f"{sweep_workers}", display=False)
 glue("sweep_seconds", f"{sweep_seconds:.0f}", display=False)
 glue("point_seconds", f"{ok['wall_time_s'].mean():.1f}", display=False)
 glue("busy_seconds", f"{ok['wall_time_s'].sum():.0f}", display=False)
-glue("rerun_seconds", f"{rerun_seconds:.1f}", display=False)
+glue("rerun_seconds", f"{rerun_seconds:.2f}", display=False)
+glue("n_seeds", f"{len(seeds)}", display=False)
 glue("rerun_same", "the same" if again["avg_accuracy"].equals(results["avg_accuracy"]) else "different", display=False)
 
 # %% [markdown]
@@ -200,7 +201,7 @@ glue("max_spread", f"{spread:.1f}", display=False)
 # Average accuracy (%) per method and $\lambda$ over the seeds. On this sample Task Arithmetic
 # peaks at $\lambda$ = {glue:text}`ta_best_lam` ({glue:text}`ta_best` %) and Ties-Merging at
 # $\lambda$ = {glue:text}`ties_best_lam` ({glue:text}`ties_best` %). The widest band is
-# {glue:text}`max_spread` points: the gap between two seeds' evaluation samples of
+# {glue:text}`max_spread` points: the spread between {glue:text}`n_seeds` seeds' evaluation samples of
 # `eval_per_task` images per task, which is why a comparison of methods on a small test set needs
 # more than one draw. [Chapter 1](01_task_arithmetic) sweeps a finer grid on the full test sets.
 #

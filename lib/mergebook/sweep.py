@@ -557,7 +557,8 @@ def _make_client(workers: int | None, scheduler: str | None):
 
     if scheduler:
         return Client(scheduler), None
-    n = workers or os.cpu_count() or 1
+    # the cores this process may use (a container or taskset can allow fewer than cpu_count)
+    n = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     # One point per worker at a time: with the default saturation a busy worker would hold a
     # second point back while another worker sits idle (and "running" would over-count).
     dask.config.set({"distributed.scheduler.worker-saturation": 1.0})
