@@ -16,7 +16,13 @@ StateDict = dict[str, torch.Tensor]
 
 
 def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Zero-shot-style head: L2-normalise features, then multiply by the scaled class matrix."""
+    """Zero-shot-style head: L2-normalise features, then multiply by the scaled class matrix.
+
+    A 0-dim head means the model already returns class logits (a seq2seq LM's label-word scores,
+    ``models/flan_t5_lora.py``): they are multiplied by it, not normalised.
+    """
+    if head.dim() == 0:
+        return features * head
     return F.normalize(features, dim=-1) @ head.T
 
 
