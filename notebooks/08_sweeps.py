@@ -72,7 +72,7 @@ if "google.colab" in sys.modules:  # Colab: install the library and the book ext
     import subprocess
 
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "mergebook[book] @ git+https://github.com/merging-reproduced/merging-reproduced"], check=True)
+                    "mergebook[book] @ git+https://github.com/merging-reproduced/merging-reproduced@v0.2.0"], check=True)
 
 import time
 from pathlib import Path
