@@ -282,6 +282,15 @@ def _mergebook_console_bars():
         init(self, *args, **kwargs)
 
     tqdm.std.tqdm.__init__ = __init__
+    # tqdm.auto picks widget bars in a kernel when ipywidgets is installed (they would render in
+    # the page) and warns when it is not: give every `from tqdm.auto import tqdm` the console bar.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import tqdm.auto
+        import tqdm.autonotebook
+    tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.std.tqdm
 
 
 _mergebook_console_bars()

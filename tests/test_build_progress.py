@@ -25,10 +25,13 @@ steps = 3
 import time
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
 
 # %%
 for i in tqdm(range(steps), desc="train toy"):
     time.sleep(0.4)
+for i in auto_tqdm(range(2), desc="hub download"):
+    pass
 print("done training")
 '''
 
@@ -67,8 +70,9 @@ def test_chapter_prints_each_cell_and_its_bars_on_the_console_not_in_the_noteboo
     lines = out.getvalue().splitlines()
     assert [ln.split()[2] for ln in lines if " s  " in ln and "still" not in ln] == ["1/4", "2/4", "3/4", "4/4"]
     assert any("cell 4/4 still running" in ln for ln in lines), lines
-    assert lines[-1].endswith('for i in tqdm(range(steps), desc="train toy"):')
+    assert lines[-1].endswith('for i in tqdm(range(steps), desc="train toy"):')  # its first line
     assert "train toy: 100%" in err.getvalue() and "4/4" in err.getvalue()
+    assert "hub download: 100%" in err.getvalue()  # tqdm.auto bars too, and no IProgress warning
     nb = json.loads(output.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     text = "".join("".join(o.get("text", "")) for o in outputs)
