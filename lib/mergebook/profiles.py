@@ -71,6 +71,32 @@ PROFILES: dict[str, Profile] = {
         description="ViT-L/14 shapes (296 tensors, 303M parameters), random weights and images",
         load_kw={"arch": "ViT-L/14"},
     ),
+    # The language chapter (07): a real text encoder offline, and Flan-T5 + LoRA at paper scale.
+    "tiny-lm": Profile(
+        name="tiny-lm", backend="tiny_lm", offline=True,
+        tasks=["colors", "cities", "language", "code", "docs", "grammar", "unicode", "pyref"],
+        description="offline language miniature: all-MiniLM-L6-v2 (PyPI wheel), peft LoRA, eight text tasks",
+        paper_table={"concrete_subspace": "4"},
+    ),
+    "flan-t5-base-lora": Profile(
+        name="flan-t5-base-lora", backend="flan_t5_lora", model_id="google/flan-t5-base",
+        tasks=["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"],
+        description="Flan-T5-base, LoRA-16 adapters on eight GLUE tasks (Concrete Tables 4 and 8)",
+        paper_table={"concrete_subspace": "4"},
+    ),
+    "flan-t5-large-lora": Profile(
+        name="flan-t5-large-lora", backend="flan_t5_lora", model_id="google/flan-t5-large",
+        tasks=["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"],
+        description="Flan-T5-large, LoRA-16 adapters on eight GLUE tasks (Concrete Tables 5 and 9)",
+        paper_table={"concrete_subspace": "5"},
+    ),
+    # The Flan-T5 path offline: same backend and ids, resolved to a tiny random T5 the library writes.
+    "flan-t5-pico": Profile(
+        name="flan-t5-pico", backend="flan_t5_lora", model_id="google/flan-t5-base", offline=True, hub="pico",
+        tasks=["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"],
+        description="tiny random T5 and LoRA adapters under the Flan-T5 ids (code path only, chance numbers)",
+        paper_table={"concrete_subspace": "4"},
+    ),
 }
 
 
@@ -98,6 +124,10 @@ def load_suite(profile: str, *, device: str = "auto", progress: bool = True, wit
     from .adaptation import resolve_device
 
     kw = {**p.load_kw, **backend_kw}
+    if p.backend in ("tiny_lm", "flan_t5_lora"):
+        from .models.text_backends import load_text_suite
+
+        return load_text_suite(p, device=str(resolve_device(device)), progress=progress, **kw)
     if p.backend == "tiny":
         from .models.tiny import load_suite as tiny_suite
 
