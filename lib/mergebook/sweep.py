@@ -47,7 +47,7 @@ from .artifacts import atomic_write
 __all__ = [
     "RECORD_ENV", "SweepError", "Grid", "Point", "record", "notebook_parameters", "parse_parameters",
     "load_grid", "expand_grid", "point_key", "run_point", "run_sweep", "results_frame", "load_results",
-    "report_figure", "report", "eval_subset", "EXAMPLE_NOTEBOOK",
+    "report_figure", "report", "eval_subset", "finished", "EXAMPLE_NOTEBOOK", "CONSOLE_ENV",
 ]
 
 #: environment variable naming the JSON file that :func:`record` writes (set for each point)
