@@ -76,3 +76,45 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert tiny_train.cosine_lr(10, 100, 10) == pytest.approx(1.0)
     assert tiny_train.cosine_lr(55, 100, 10) == pytest.approx(0.5)
     assert tiny_train.cosine_lr(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_committed_finetunes_match_their_record_and_the_current_cache_keys():
+    """Stale assets are caught here: after a change to the generator or training code, regenerate them
+    with `python -m mergebook.models.tiny export-finetuned` (it retrains what the new keys need)."""
+    record = json.loads(tiny.FINETUNED_RECORD.read_text())
+    keys = tiny.suite_keys(tiny.TinyConfig())
+    assert set(record["files"]) == set(keys)
+    for name, entry in record["files"].items():
+        assert entry["key"] == keys[name], f"{name}: committed for another code/config; regenerate the assets"
+        assert tiny_train.sha256_file(tiny.FINETUNED_DIR / entry["file"]) == entry["sha256"]
+    assert record["command"] and record["seeds"] == {"data_seed": 0, "ft_seed": 0}
+
+
+def test_committed_weights_are_used_only_for_their_key_and_intact(tmp_path, monkeypatch, capsys):
+    record = json.loads(tiny.FINETUNED_RECORD.read_text())
+    name, entry = "finetuned-digits", record["files"]["finetuned-digits"]
+    assert tiny.committed_weights(name, entry["key"]) is not None
+    assert tiny.committed_weights(name, "another-key") is None
+    monkeypatch.setenv("MERGEBOOK_RETRAIN", "1")
+    assert tiny.committed_weights(name, entry["key"]) is None
+    monkeypatch.delenv("MERGEBOOK_RETRAIN")
+    bad = tmp_path / "record.json"
+    shutil.copy(tiny.FINETUNED_DIR / entry["file"], tmp_path / entry["file"])
+    raw = bytearray((tmp_path / entry["file"]).read_bytes())
+    raw[-5] ^= 0x11
+    (tmp_path / entry["file"]).write_bytes(bytes(raw))
+    bad.write_text(json.dumps({"files": {name: entry}}))
+    assert tiny.committed_weights(name, entry["key"], bad) is None
+    assert "does not match its recorded sha256" in capsys.readouterr().out
+
+
+def test_finetuning_smoke_run_trains_every_task_and_the_mtl_model(tmp_path):
+    """CI trains the miniature's fine-tunes only as this smoke run; the book uses the committed ones."""
+    from mergebook import artifacts
+
+    cfg = tiny.TinyConfig(tasks=("digits", "shapes"), n_train=64, n_test=16, n_val=8, protos_per_class=1,
+                          ft_steps=3, mtl_steps=2, ft_warmup=1)
+    suite = tiny.load_suite(cfg, progress=False, with_mtl=True, cache=artifacts.Cache("tiny", root=tmp_path))
+    for sd in [*suite.finetuned.values(), suite.meta["mtl"]]:
+        assert set(sd) == set(suite.pretrained)
+        assert any(not torch.equal(sd[k], suite.pretrained[k]) for k in sd)

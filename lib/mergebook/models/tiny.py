@@ -10,6 +10,14 @@ Pipeline (each stage cached under ``.cache/mergebook/tiny/`` by a hash of its co
 4. fully fine-tune the encoder on each task with its frozen head (AdamW, cosine schedule,
    gradient clipping, as task_vectors does);
 5. train the *Traditional MTL* reference row jointly on all tasks.
+
+Steps 4 and 5 take about six minutes on two CPU cores, so their results are committed too, like the
+pretrained encoder (``assets/tiny_finetuned/``, with ``record.json``: the command, seeds, device,
+torch version, sha256 and cache key of each file). A committed file is used only when its recorded
+key equals the key the current code and config compute (the key hashes the config and the
+generator/training sources) and its sha256 matches; otherwise the model is trained as before, so a
+code change can never silently reuse stale weights. ``MERGEBOOK_RETRAIN=1`` ignores them. Paper
+readers download fine-tuned checkpoints; miniature readers get them from the repository.
 """
 
 from __future__ import annotations
@@ -28,10 +36,61 @@ from ..evaluate import head_logits
 from . import tiny_train
 from .suite import Suite, TaskData
 from ..artifacts import sha256_file
-from .tiny_train import ASSET, ASSET_RECORD, TINY_VIT, cosine_lr, random_shift, to_tensor
+from .tiny_train import ASSET, ASSET_DIR, ASSET_RECORD, TINY_VIT, cosine_lr, random_shift, to_tensor
 from .vit import ViTConfig, VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
+
+
+FINETUNED_DIR = ASSET_DIR / "tiny_finetuned"
+FINETUNED_RECORD = FINETUNED_DIR / "record.json"
+
+
+def committed_weights(name: str, key: str, record_path=None) -> StateDict | None:
+    """The committed fine-tuned weights ``name`` if recorded under exactly ``key`` and intact, else None."""
+    import os
+
+    from safetensors.torch import load_file
+
+    record_path = FINETUNED_RECORD if record_path is None else record_path
+    if os.environ.get("MERGEBOOK_RETRAIN") == "1" or not record_path.exists():
+        return None
+    entry = json.loads(record_path.read_text()).get("files", {}).get(name)
+    if not entry or entry.get("key") != key:
+        return None  # another config or code: train
+    path = record_path.parent / entry["file"]
+    if not path.exists() or sha256_file(path) != entry["sha256"]:
+        print(f"mergebook: committed {path.name} is missing or does not match its recorded sha256; training it "
+              "instead (restore it with `git checkout -- lib/mergebook/assets`)", flush=True)
+        return None
+    return load_file(str(path))
+
+
+def export_finetuned(cfg: "TinyConfig | None" = None, out_dir=None, command: str = "") -> dict:
+    """Write the cached fine-tuned and MTL weights of ``cfg`` as committed assets, with their record."""
+    import platform
+    import shutil
+
+    cfg = cfg or TinyConfig()
+    out = FINETUNED_DIR if out_dir is None else out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cache = artifacts.Cache("tiny")
+    keys = suite_keys(cfg)
+    files = {}
+    for name, key in keys.items():
+        src = cache.path(name, key, ".safetensors")
+        if not src.exists():
+            raise FileNotFoundError(f"{src} is not cached: run load_suite('tiny', with_mtl=True) first")
+        dst = out / f"{name}.safetensors"
+        shutil.copyfile(src, dst)
+        files[name] = {"file": dst.name, "key": key, "sha256": sha256_file(dst)}
+    record = {"command": command or "python -m mergebook.models.tiny export-finetuned (after "
+                         "load_suite('tiny', with_mtl=True) trained them into the cache)",
+              "config": cfg.to_dict(), "seeds": {"data_seed": cfg.data_seed, "ft_seed": cfg.ft_seed},
+              "device": f"cpu ({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "files": files}
+    artifacts.atomic_write(out / "record.json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    return record
 
 
 @dataclass(frozen=True)
@@ -168,6 +227,20 @@ def _batches(sets: list[tuple[np.ndarray, torch.Tensor]], batch: int, seed: int)
         yield out
 
 
+def _key_base(cfg: TinyConfig) -> tuple[dict, list]:
+    asset_hash = json.loads(ASSET_RECORD.read_text())["sha256"]
+    train_modules = [render, tiny_suite, tiny_train]
+    return {"asset": asset_hash, **{k: v for k, v in cfg.to_dict().items() if k != "tasks"}}, train_modules
+
+
+def suite_keys(cfg: TinyConfig) -> dict[str, str]:
+    """Cache keys of the trained weights of ``cfg``: ``finetuned-<task>`` per task and ``mtl``."""
+    base, mods = _key_base(cfg)
+    keys = {f"finetuned-{t}": artifacts.make_key({**base, "task": t}, mods) for t in cfg.tasks}
+    keys["mtl"] = artifacts.make_key({**base, "tasks": cfg.tasks, "mtl": True}, mods)
+    return keys
+
+
 def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl: bool = False,
                cache: artifacts.Cache | None = None) -> Suite:
     """Build (or load from cache) the miniature Suite; ``with_mtl`` also trains the joint MTL model."""
@@ -178,15 +251,15 @@ def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl
     model = VisionTransformer(encoder_config(meta))
     logit_scale = float(meta["logit_scale"])
     data = task_data(cfg, cache, progress)
-    asset_hash = json.loads(ASSET_RECORD.read_text())["sha256"]
-    train_modules = [render, tiny_suite, tiny_train]
-    base = {"asset": asset_hash, **{k: v for k, v in cfg.to_dict().items() if k != "tasks"}}
+    base, train_modules = _key_base(cfg)
     heads = cache.tensors("heads", artifacts.make_key({**base, "tasks": cfg.tasks}, train_modules),
                           lambda: build_heads(model, pretrained, data, logit_scale, cfg.tasks))
+    keys = suite_keys(cfg)
     finetuned = {}
     for i, task in enumerate(cfg.tasks):
-        key = artifacts.make_key({**base, "task": task}, train_modules)
-        finetuned[task] = cache.tensors(f"finetuned-{task}", key, lambda task=task, i=i: _train(
+        key = keys[f"finetuned-{task}"]
+        finetuned[task] = cache.tensors(f"finetuned-{task}", key, lambda task=task, i=i, key=key: committed_weights(
+            f"finetuned-{task}", key) or _train(
             model, pretrained, _batches([data[task]["train"]], cfg.ft_batch, cfg.ft_seed + i),
             [heads[task]], cfg.ft_steps, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup,
             f"fine-tune {task}", progress))
@@ -198,11 +271,27 @@ def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl
                   val=val, meta={"config": cfg.to_dict(), "asset": meta, "logit_scale": logit_scale,
                                  "fingerprint": artifacts.make_key({**base, "tasks": cfg.tasks}, train_modules)})
     if with_mtl:
-        key = artifacts.make_key({**base, "tasks": cfg.tasks, "mtl": True}, train_modules)
-        suite.meta["mtl"] = cache.tensors("mtl", key, lambda: _train(
+        key = keys["mtl"]
+        suite.meta["mtl"] = cache.tensors("mtl", key, lambda: committed_weights("mtl", key) or _train(
             model, pretrained, _batches([data[t]["train"] for t in cfg.tasks], cfg.mtl_batch_per_task, cfg.ft_seed),
             [heads[t] for t in cfg.tasks], cfg.mtl_steps, cfg.ft_lr, cfg.ft_weight_decay, cfg.ft_warmup,
             "traditional MTL", progress))
     suite.meta["sample_images"] = {t: data[t]["test"][0][:64] for t in cfg.tasks}
     suite.meta["split_sizes"] = {t: {s: int(len(v[1])) for s, v in data[t].items()} for t in cfg.tasks}
     return suite
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mergebook.models.tiny export-finetuned``: commit the cached fine-tunes as assets."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mergebook.models.tiny")
+    p.add_argument("cmd", choices=["export-finetuned"])
+    args = p.parse_args(argv)
+    load_suite(with_mtl=True)  # trains into the cache whatever is not there yet
+    rec = export_finetuned(command="python -m mergebook.models.tiny export-finetuned")
+    print(f"wrote {len(rec['files'])} files and record.json to {FINETUNED_DIR}")
+
+
+if __name__ == "__main__":
+    main()
