@@ -170,7 +170,9 @@ ARCH_TABLES: dict[str, dict[str, dict[str, str]]] = {
 PROFILE_ARCH: dict[str, str] = {
     "tiny": "ViT-B/32", "hub-pico": "ViT-B/32", "vit-b-32": "ViT-B/32", "vit-l-14": "ViT-L/14",
     "vit-b-16": "ViT-B/16", "flan-t5-base-lora": "Flan-T5-base", "flan-t5-large-lora": "Flan-T5-large",
-    "tiny-lm": "Flan-T5-base",
+    "tiny-lm": "Flan-T5-base", "flan-t5-pico": "Flan-T5-base",
+    # true-shape random profiles: benchmarks only, compared with the tables of their architecture
+    "random-b32": "ViT-B/32", "random-l14": "ViT-L/14",
 }
 
 
