@@ -107,6 +107,10 @@ sweeps = {
 
 ta = ex.sweep_frame(sweeps["Task Arithmetic"], tasks)
 glue("tab_ta_sweep", ta.round(1), display=False)
+glue("val_split", suite.meta.get("val_split", "the suite's validation split"), display=False)
+glue("ties_population", "the given image-tower tensors" if not suite.meta.get("ties_extra_zeros") else
+     f"the image tower plus the {suite.meta['ties_extra_zeros']:,} zero-delta text-tower entries of the original "
+     "whole-CLIP checkpoints", display=False)
 ta.round(1)
 
 # %% [markdown]
@@ -187,7 +191,8 @@ plt.close(fig)
 # %% [markdown]
 # ## The Table-1 rows that need no adaptation
 #
-# Each method's coefficient is chosen on the **validation** split, never on test labels. For
+# Each method's coefficient is chosen on the **validation** split ({glue:text}`val_split`), never
+# on test labels; Ties' global top-20% trim runs over {glue:text}`ties_population`. For
 # reference we also show Task Arithmetic and Ties at $\lambda = 0.3$, the value the papers quote.
 # Fisher Merging and RegMean use unlabelled validation images of each task (their Fisher
 # information and Gram matrices), which is more data access than the other rows have.

@@ -278,6 +278,8 @@ def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl
             "traditional MTL", progress))
     suite.meta["sample_images"] = {t: data[t]["test"][0][:64] for t in cfg.tasks}
     suite.meta["split_sizes"] = {t: {s: int(len(v[1])) for s, v in data[t].items()} for t in cfg.tasks}
+    suite.meta["val_split"] = (f"{cfg.n_val} generated images per task, drawn apart from the train and test "
+                               f"images (data seed {cfg.data_seed})")
     return suite
 
 
