@@ -511,6 +511,14 @@ def sweep(suite: Any, method: str, grid: Sequence[float] | Sequence[Mapping[str,
     return cached_result(suite, name or f"sweep-{method}", {"grid": grid, **params, "format": 2}, compute)
 
 
+def lookup_sweep(suite: Any, method: str, grid: Sequence[float] | Sequence[Mapping[str, Any]], *,
+                 name: str | None = None, **params: Any) -> dict[str, dict[str, Any]] | None:
+    """The cached :func:`sweep` result for the same arguments, or None if it was never run (never computes)."""
+    from .results import lookup_result
+
+    return lookup_result(suite, name or f"sweep-{method}", {"grid": list(grid), **params, "format": 2})
+
+
 def sweep_frame(result: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], split: str = "test",
                 index_name: str = "λ") -> pd.DataFrame:
     """A sweep result as grid point x (tasks..., avg); numeric grid keys become a sorted float index."""
@@ -630,10 +638,280 @@ def data_using_rows(suite: Any, num_examples: int = 200, regmean_alpha: float = 
                          compute)
 
 
+# --------------------------------------------------------------------------------------------------
+# Adaptive runs (AdaMerging, Concrete), cached with per-sample correctness
+# --------------------------------------------------------------------------------------------------
+def adaptive_run(suite: Any, name: str, params: Mapping[str, Any], run: Callable[[], Any],
+                 remerges: Mapping[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """Run an adaptive merge once (cached as ``name``): its ``to_dict()`` plus test correctness.
+
+    ``run()`` returns an :class:`mergebook.adaptation.AdaptationResult`. The cached dict adds
+    ``"correct"`` (packed per-sample test correctness of its final weights) and, for each
+    ``remerges[label](result) -> state dict`` (e.g. the same Concrete run with its hard mask),
+    ``"remerged"[label]`` as :func:`scored` gives it. ``params`` is the cache key: two chapters
+    that pass the same name and params share one run.
+    """
+    from .evaluate import correctness
+    from .results import cached_result
+
+    tasks = list(suite.tasks)
+
+    def compute() -> dict[str, Any]:
+        res = run()
+        out = res.to_dict()
+        out["correct"] = pack_by_task(correctness(suite, res.state_dict(), tasks))
+        out["remerged"] = {label: scored(suite, fn(res), tasks) for label, fn in (remerges or {}).items()}
+        return out
+
+    return cached_result(suite, name, {**dict(params), "format": 2}, compute)
+
+
+def adamerging_run(suite: Any, granularity: str, plus_plus: bool = False, *, steps: int, lr: float = 1e-3,
+                   batch_size: int = 16, batches_per_step: int = 1, seed: int = 0, eval_every: int = 25,
+                   device: str = "auto") -> dict[str, Any]:
+    """Task- or layer-wise AdaMerging(++) through :func:`adaptive_run`, one cache entry per setting.
+
+    The key is built here, so every chapter asking for the same setting shares the run (02 and 03
+    both need layer-wise AdaMerging). Coefficients are recorded 20 times along the run.
+    """
+    from .methods.adamerging import adamerging
+
+    params = {"granularity": granularity, "plus_plus": bool(plus_plus), "steps": int(steps), "lr": lr,
+              "batch_size": int(batch_size), "bpp": int(batches_per_step), "seed": int(seed),
+              "eval_every": int(eval_every)}
+    return adaptive_run(suite, "adamerging-run", params, lambda: adamerging(
+        suite, granularity, plus_plus, steps=steps, lr=lr, batch_size=batch_size,
+        batches_per_step=batches_per_step, seed=seed, device=device, eval_every=eval_every,
+        coef_every=max(1, steps // 20), progress=True))
+
+
+def concrete_run(suite: Any, granularity: str, *, steps: int = 0, meta_steps: int = 0, tta_steps: int = 0,
+                 batch_size: int = 16, seed: int = 0, eval_every: int = 25, eval_mask: str = "soft",
+                 device: str = "auto") -> dict[str, Any]:
+    """Concrete TA (``granularity="none"``, ``steps`` mask steps) or task-/layer-wise Concrete
+    AdaMerging (``meta_steps`` then ``tta_steps``), cached with test correctness of the soft
+    sample it keeps and, under ``"remerged"``, of its hard mask (``"hard mask"``) at the same λ."""
+    from .methods.concrete import concrete_adamerging, concrete_task_arithmetic, remerge
+
+    common = dict(batch_size=batch_size, seed=seed, device=device, eval_every=eval_every, eval_mask=eval_mask)
+    if granularity == "none":
+        params = {"kind": "concrete_ta", "steps": int(steps), **common}
+        run = lambda: concrete_task_arithmetic(suite, steps=steps, **common)  # noqa: E731
+    elif granularity in ("task", "layer"):
+        params = {"kind": "concrete_am", "granularity": granularity, "meta": int(meta_steps),
+                  "tta": int(tta_steps), **common}
+        run = lambda: concrete_adamerging(suite, granularity, meta_steps=meta_steps,  # noqa: E731
+                                          tta_steps=tta_steps, **common)
+    else:
+        raise ValueError(f"concrete_run: granularity must be 'none', 'task' or 'layer', got {granularity!r}")
+    params.pop("device")
+    return adaptive_run(suite, "concrete-run", params, run,
+                        {"hard mask": lambda r: remerge(suite, r, "hard", device)})
+
+
+def history_frame(history: Mapping[str, Any], tasks: Sequence[str], index_name: str = "step") -> pd.DataFrame:
+    """A run's evaluated accuracy as step x (tasks..., avg), from ``History.to_dict()``."""
+    df = pd.DataFrame(history["accuracy"], index=list(history["eval_steps"]))
+    df.index.name = index_name
+    return df.reindex(columns=list(tasks) + ["avg"])
+
+
+def coefficient_frame(history: Mapping[str, Any], tasks: Sequence[str]) -> pd.DataFrame:
+    """Task-wise coefficient snapshots as step x tasks (AdaMerging Fig. 4)."""
+    c = np.asarray(history["coefficients"], dtype=float)
+    if c.ndim != 2:
+        raise ValueError(f"coefficient_frame: expected task-wise snapshots [S, K], got shape {c.shape}")
+    df = pd.DataFrame(c, index=list(history["coefficient_steps"]), columns=list(tasks))
+    df.index.name = "step"
+    return df
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers and blocks, in the encoder's forward order
+# --------------------------------------------------------------------------------------------------
+def forward_order(suite: Any, keys: Sequence[str]) -> list[str]:
+    """``keys`` in the model's own state-dict order (safetensors files list tensors alphabetically)."""
+    order = [k for k in suite.model.state_dict() if k in set(keys)]
+    rest = [k for k in keys if k not in set(order)]
+    return order + rest
+
+
+def block_order(suite: Any, keys: Sequence[str]) -> list[str]:
+    """The blocks of ``keys`` (``adaptation.block_of``) in forward order: embeddings, blocks 0..n, head."""
+    from .adaptation import block_of
+
+    return list(dict.fromkeys(block_of(k) for k in forward_order(suite, keys)))
+
+
+def short_block(block: str) -> str:
+    """``transformer.resblocks.3`` / ``vision_model.encoder.layers.3`` → ``block 3``; others unchanged."""
+    import re
+
+    m = re.search(r"(?:resblocks|layers|layer|blocks|block|h)\.(\d+)$", block)
+    return f"block {m.group(1)}" if m else block
+
+
+TENSOR_KINDS = (("attn in (q, k, v)", ("in_proj", "q_proj", "k_proj", "v_proj")),
+                ("attn out", ("out_proj",)),
+                ("mlp in", ("c_fc", "fc1", "mlp.0")),
+                ("mlp out", ("c_proj", "fc2", "mlp.2")),
+                ("layer norm", ("ln_", "layer_norm", "layernorm", "norm")),
+                ("embedding", ("embedding", "class_embedding", "conv1", "patch_embed")))
+
+
+def tensor_kind(key: str) -> str:
+    """What a parameter tensor is: attention in/out, MLP in/out, layer norm, embedding, or projection."""
+    for kind, needles in TENSOR_KINDS:
+        if any(n in key for n in needles):
+            return kind
+    return "projection / other"
+
+
+def block_means(values: Any, keys: Sequence[str], suite: Any, columns: Sequence[str]) -> pd.DataFrame:
+    """Rows of ``values`` (one per key, e.g. layer-wise λ [L, K]) averaged per block, blocks in forward order."""
+    from .adaptation import block_of
+
+    df = pd.DataFrame(np.asarray(values, dtype=float), index=list(keys), columns=list(columns))
+    out = df.groupby([block_of(k) for k in keys]).mean().reindex(block_order(suite, keys))
+    out.index = [short_block(b) for b in out.index]
+    out.index.name = "block"
+    return out
+
+
+def mask_frame(mask_stats: Mapping[str, Any], by: str = "block", suite: Any = None) -> pd.DataFrame:
+    """Concrete mask statistics (%, weighted by size) per block (forward order) or per tensor kind."""
+    from .adaptation import block_of
+
+    per = pd.DataFrame(mask_stats["per_tensor"]).T
+    if by == "block":
+        per["group"] = [block_of(k) for k in per.index]
+        order = block_order(suite, list(per.index)) if suite is not None else None
+    elif by == "kind":
+        per["group"] = [tensor_kind(k) for k in per.index]
+        order = [k for k, _ in TENSOR_KINDS] + ["projection / other"]
+    else:
+        raise ValueError(f"mask_frame: by must be 'block' or 'kind', got {by!r}")
+    cols = [c for c in ("kept", "mean_p", "sample_kept") if c in per.columns]
+    w = per["numel"].astype(float)
+    g = per.groupby("group")
+    out = pd.DataFrame({c: 100 * g.apply(lambda d, c=c: np.average(d[c].astype(float), weights=d["numel"].astype(float)))
+                        for c in cols})
+    out["tensors"] = g.size()
+    out["parameters"] = g.apply(lambda d: int(w[d.index].sum()))
+    out = out.reindex([o for o in (order or out.index) if o in out.index])
+    if by == "block":
+        out.index = [short_block(b) for b in out.index]
+    out.index.name = by
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Entropy against loss (AdaMerging Fig. 3 and Fig. 11)
+# --------------------------------------------------------------------------------------------------
+def binned_means(x: Any, y: Any, n_bins: int = 11) -> pd.DataFrame:
+    """Mean of ``x`` and ``y`` in ``n_bins`` equal-count bins of ``x`` (quantile edges)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or x.size < n_bins:
+        raise ValueError(f"binned_means: need two 1-d arrays of equal length ≥ n_bins={n_bins}, "
+                         f"got {x.shape} and {y.shape}")
+    order = np.argsort(x, kind="stable")
+    parts = np.array_split(order, n_bins)
+    return pd.DataFrame({"bin": np.arange(1, n_bins + 1), "x": [x[p].mean() for p in parts],
+                         "y": [y[p].mean() for p in parts], "n": [p.size for p in parts]})
+
+
+def entropy_loss_bins(ent_loss: Mapping[str, Mapping[str, Any]], n_bins: int = 11,
+                      all_label: str = "ALL") -> pd.DataFrame:
+    """Per task and pooled (``ALL``): mean entropy and loss in ``n_bins`` entropy bins (Fig. 3a)."""
+    parts = []
+    pooled = {"entropy": np.concatenate([np.asarray(v["entropy"]) for v in ent_loss.values()]),
+              "loss": np.concatenate([np.asarray(v["loss"]) for v in ent_loss.values()])}
+    for t, v in [(all_label, pooled), *ent_loss.items()]:
+        b = binned_means(v["entropy"], v["loss"], n_bins).rename(columns={"x": "entropy", "y": "loss"})
+        b.insert(0, "task", t)
+        parts.append(b)
+    return pd.concat(parts, ignore_index=True)
+
+
+def entropy_loss_spearman(ent_loss: Mapping[str, Mapping[str, Any]], all_label: str = "ALL") -> pd.Series:
+    """Spearman ρ between per-sample entropy and loss, pooled (``ALL``) and per task (Fig. 11)."""
+    from scipy.stats import spearmanr
+
+    out = {all_label: spearmanr(np.concatenate([np.asarray(v["entropy"]) for v in ent_loss.values()]),
+                                np.concatenate([np.asarray(v["loss"]) for v in ent_loss.values()])).statistic}
+    out.update({t: spearmanr(v["entropy"], v["loss"]).statistic for t, v in ent_loss.items()})
+    return pd.Series(out, name="Spearman ρ", dtype=float)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reported per-task rows under our task names, and the two tables a results page shows
+# --------------------------------------------------------------------------------------------------
+def paper_task_names(tasks: Sequence[str]) -> dict[str, str]:
+    """Our task → the paper's column it stands for (the miniature's analogues; CLIP tasks are themselves)."""
+    from .data.tiny_suite import PAPER_ANALOGUE
+
+    return {t: PAPER_ANALOGUE.get(t, t) for t in tasks}
+
+
+def reported_by_task(paper: str, profile: Any, methods: Sequence[str], tasks: Sequence[str],
+                     kind: str = "main", block: str | None = None) -> dict[str, dict[str, float] | None]:
+    """The paper's row for each method (the table that matches ``profile``), keyed by OUR task names.
+
+    ``{method: {task: value, "avg": value}}``; a method the table does not report maps to None, a
+    task without a counterpart column is left out. Feed it to :func:`interleave_reported`.
+    """
+    from .reference import reported_rows
+
+    names = paper_task_names(tasks)
+    out: dict[str, dict[str, float] | None] = {}
+    for m, row in reported_rows(paper, profile, methods, kind, block).items():
+        if row is None:
+            out[m] = None
+            continue
+        rec = {t: row[p] for t, p in names.items() if p in row}
+        if "avg" in row:
+            rec["avg"] = row["avg"]
+        out[m] = rec
+    return out
+
+
+def results_tables(frame: pd.DataFrame, tasks: Sequence[str],
+                   reported: Mapping[str, Mapping[str, float] | None] | None = None,
+                   digits: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The two tables of a results page, as strings: a summary (avg [CI], reported, Δ and any extra
+    leading columns) and per-task accuracies with a ``· reported`` row under each reported method."""
+    tasks = list(tasks)
+    summary = format_frame(frame.drop(columns=[t for t in tasks if t in frame.columns]), digits)
+    per = frame[tasks + ["avg"]]
+    if reported:
+        per = interleave_reported(per, {m: r for m, r in reported.items() if r})
+    per_task = pd.DataFrame({c: [_fmt(v, digits) for v in per[c]] for c in per.columns}, index=per.index)
+    return summary, per_task
+
+
+def step_table(ours: pd.DataFrame, reported: pd.DataFrame | None, tasks: Sequence[str]) -> pd.DataFrame:
+    """Our accuracy against step beside a reported one (Concrete Tables 12-14): columns ``ours avg``,
+    ``reported step``, ``reported avg`` aligned by position (our run is shorter), then our tasks."""
+    out = ours[["avg"] + list(tasks)].copy()
+    out.columns = ["ours avg"] + list(tasks)
+    if reported is not None and len(reported):
+        avg_col = [c for c in reported.columns if str(c).lower().startswith("av")][0]
+        n = min(len(out), len(reported))
+        rep_steps = [str(i) for i in reported.index[:n]] + [""] * (len(out) - n)
+        rep_avg = list(reported[avg_col].astype(float).values[:n]) + [np.nan] * (len(out) - n)
+        out.insert(1, "reported step", rep_steps)
+        out.insert(2, "reported avg", rep_avg)
+    return out
+
+
 __all__ = [
     "FAILS", "HOLDS", "PARTLY", "Claim", "Interval", "Rule", "Selection", "all_of", "average_interval",
-    "best_on_val", "bootstrap_interval", "data_using_rows", "reference_rows", "format_frame", "format_interval", "grid_key", "greater",
+    "best_on_val", "bootstrap_interval", "data_using_rows", "lookup_sweep", "reference_rows", "format_frame", "format_interval", "grid_key", "greater",
     "interleave_reported", "less", "pack_by_task", "pack_correct", "paired_difference_interval",
     "results_frame", "row_interval", "scored", "select_on_val", "sweep", "sweep_correct", "sweep_frame",
     "unpack_by_task", "unpack_correct", "verdict", "verdict_table", "within",
+    "adamerging_run", "adaptive_run", "binned_means", "block_means", "block_order", "coefficient_frame",
+    "concrete_run", "entropy_loss_bins", "entropy_loss_spearman", "forward_order", "history_frame",
+    "mask_frame", "paper_task_names", "reported_by_task", "results_tables", "short_block", "step_table",
+    "tensor_kind",
 ]

@@ -352,3 +352,31 @@ def concrete_adamerging(
     result.mask_stats = mask_statistics(result.mask_logits, space.ungroup(frozen))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def remerge(suite: Suite, result: AdaptationResult, mask: Literal["sample", "hard", "none"] = "hard",
+            device: str | torch.device | None = "auto") -> StateDict:
+    """A Concrete result's merge rebuilt with another mask, at its final λ (soft sample vs hard mask).
+
+    ``"sample"`` is the frozen sample the result keeps (its own weights), ``"hard"`` the hard mask
+    of the learned logits (keep where p = σ(x) > 0.5), ``"none"`` no mask at all; each rescaled by
+    m / mean(m) per tensor (Concrete Eq. 2) as in training.
+    """
+    if result.mask_logits is None:
+        raise ValueError("remerge: this result has no mask logits (not a Concrete run, or loaded without tensors)")
+    dev = resolve_device(device)
+    space = _task_vector_space(suite, result.keys or None, dev)
+    if mask == "none":
+        scales = None
+    elif mask in ("sample", "hard"):
+        src = result.mask_sample if mask == "sample" else result.mask_logits
+        if src is None:
+            raise ValueError(f"remerge: this result keeps no {'mask sample' if mask == 'sample' else 'logits'}")
+        named = {k: v.to(dev) for k, v in src.items()}
+        grouped = space.regroup(named)
+        m = grouped if mask == "sample" else [(x > 0).to(space.dtype) for x in grouped]
+        scales = ConcreteMask.scales(m)
+    else:
+        raise ValueError(f"remerge: mask must be 'sample', 'hard' or 'none', got {mask!r}")
+    with torch.no_grad():
+        return home_weights(suite, space.merge(result.coefficients.to(dev, space.dtype), scales))
