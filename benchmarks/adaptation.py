@@ -27,10 +27,12 @@ import torch
 from mergebook.adaptation import CoefficientAdapter, MergeSpace, entropy_objective
 from mergebook.models.vit import ViTConfig, VisionTransformer
 
+from mergebook.models.random_clip import ARCHS  # the true shapes of the random-b32 / random-l14 profiles
+
 MODELS = {
     "tiny": ViTConfig(image_size=32, patch_size=8, width=128, layers=6, heads=4, output_dim=128),
-    "b32": ViTConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512),
-    "l14": ViTConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, output_dim=768),
+    "b32": ARCHS["ViT-B/32"],
+    "l14": ARCHS["ViT-L/14"],
 }
 
 
