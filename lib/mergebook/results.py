@@ -23,8 +23,36 @@ def package_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _key(suite: Suite, name: str, params: dict[str, Any]) -> str:
+    return artifacts.make_key({"suite": suite.meta.get("fingerprint", suite.profile), "name": name,
+                               "params": params, "code": package_fingerprint()})
+
+
 def cached_result(suite: Suite, name: str, params: dict[str, Any], compute: Callable[[], Any]) -> Any:
     """Return ``compute()``'s JSON-able result, reusing a cached copy for the same suite/code/params."""
-    key = artifacts.make_key({"suite": suite.meta.get("fingerprint", suite.profile), "name": name,
-                              "params": params, "code": package_fingerprint()})
-    return artifacts.Cache(suite.profile).json(f"result-{name}", key, compute)
+    return artifacts.Cache(suite.profile).json(f"result-{name}", _key(suite, name, params), compute)
+
+
+def result_path(suite: Suite, name: str, params: dict[str, Any]) -> Path:
+    """Where :func:`cached_result` keeps ``name``/``params`` for this suite and code (it may not exist)."""
+    return artifacts.Cache(suite.profile).path(f"result-{name}", _key(suite, name, params), ".json")
+
+
+def lookup_result(suite: Suite, name: str, params: dict[str, Any]) -> Any | None:
+    """:func:`cached_result`'s stored value for the same suite/code/params, or None; never computes.
+
+    The summary chapter reads other chapters' results with this: a missing (or corrupt) entry means
+    that chapter has not run with this code and these parameters, and the caller says which to run.
+    """
+    key = _key(suite, name, params)
+    cache = artifacts.Cache(suite.profile)
+    if not cache.path(f"result-{name}", key, ".json").exists():
+        return None
+
+    def missing() -> Any:
+        raise LookupError(name)
+
+    try:  # Cache.json checks the sha256 sidecar: a corrupt entry is discarded and "rebuilt" → None
+        return cache.json(f"result-{name}", key, missing)
+    except LookupError:
+        return None

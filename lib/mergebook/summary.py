@@ -1,0 +1,337 @@
+"""The summary chapter (05): every method the book runs, read from the other chapters' caches.
+
+Nothing here merges or adapts. Each chapter's results are looked up under the cache names and
+parameters that chapter uses (:func:`mergebook.results.lookup_result`); a chapter's parameters are
+its ``parameters`` cell overridden by ``notebooks/params/<profile>.yaml``, exactly what papermill
+gives it in ``make book``. A result that is not there comes back as a note naming the chapter to
+run, never as a recomputation.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .experiment import average_interval, format_interval, unpack_by_task
+from .results import lookup_result
+
+CHAPTERS = {
+    "01": "01_task_arithmetic", "02": "02_adamerging", "03": "03_concrete_subspace",
+    "04": "04_cart_spectral", "06": "06_spectral_family",
+}
+GROUPS = ("reference", "training-free", "data-using", "test-time adaptive")
+METHOD_GROUPS = {
+    "Pretrained": "reference", "Individual": "reference", "Traditional MTL": "reference",
+    "Weight Averaging": "training-free", "Task Arithmetic": "training-free", "Ties-Merging (sum)": "training-free",
+    "Ties-Merging (mean)": "training-free", "CART": "training-free", "TSV-M": "training-free",
+    "Iso-C": "training-free", "Iso-CTS": "training-free", "DARE + TA": "training-free", "DARE + Ties": "training-free",
+    "Fisher Merging": "data-using", "RegMean": "data-using",
+    "Task-wise AdaMerging": "test-time adaptive", "Task-wise AdaMerging++": "test-time adaptive",
+    "Layer-wise AdaMerging": "test-time adaptive", "Layer-wise AdaMerging++": "test-time adaptive",
+    "Concrete TA": "test-time adaptive", "Concrete AdaMerging": "test-time adaptive", "CART++": "test-time adaptive",
+}
+
+
+def notebooks_dir() -> Path:
+    """The repository's ``notebooks/`` (chapter sources and ``params/``)."""
+    return Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def parameters_cell(path: str | Path) -> dict[str, Any]:
+    """The literal assignments of a py:percent notebook's ``parameters`` cell."""
+    lines = Path(path).read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("# %%") and "parameters" in ln), None)
+    if start is None:
+        raise ValueError(f"{path}: no cell tagged 'parameters'")
+    body = []
+    for ln in lines[start + 1:]:
+        if ln.startswith("# %%"):
+            break
+        body.append(ln)
+    out = {}
+    for node in ast.parse("\n".join(body)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def chapter_params(chapter: str, profile: str, overrides: Mapping[str, Any] | None = None,
+                   root: str | Path | None = None) -> dict[str, Any]:
+    """The parameters ``make book`` runs chapter ``chapter`` ("01", ...) with on ``profile``.
+
+    The chapter's ``parameters`` cell, then ``params/<profile>.yaml`` for the keys the chapter
+    declares (papermill injects the rest too, but the chapter never reads them), then ``overrides``.
+    """
+    import yaml
+
+    root = Path(root) if root is not None else notebooks_dir()
+    params = parameters_cell(root / f"{CHAPTERS[chapter]}.py")
+    yml = root / "params" / f"{profile}.yaml"
+    extra = dict(yaml.safe_load(yml.read_text()) or {}) if yml.is_file() else {}
+    extra.update(overrides or {})
+    params.update({k: v for k, v in extra.items() if k in params})
+    params["profile"] = profile
+    return params
+
+
+# ------------------------------------------------------------------------------------- chapter rows
+@dataclass
+class ChapterRows:
+    """What one chapter's caches hold: method → {"accuracy", "correct" (or None)}, and what is missing."""
+
+    chapter: str
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def note(self) -> str | None:
+        """A reader-facing line naming the chapter to run, or None when nothing is missing."""
+        if not self.missing:
+            return None
+        return (f"Run chapter {self.chapter} ({CHAPTERS[self.chapter]}) first: its cached "
+                f"{', '.join(self.missing)} for this profile and code are missing.")
+
+
+def _select(sweep: Mapping[str, Any]) -> dict[str, Any]:
+    from .experiment import select_on_val
+
+    sel = select_on_val(sweep)
+    return {"accuracy": dict(sel.test), "correct": sweep[sel.key]["test_correct"], "setting": f"λ={sel.key} (val)"}
+
+
+def chapter01(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
+    """Pretrained, Individual, MTL, WA, Fisher, RegMean, and Task Arithmetic / Ties at their val-chosen λ."""
+    from .experiment import lookup_sweep
+
+    out = ChapterRows("01")
+    ref = lookup_result(suite, "reference_rows", {})
+    data = lookup_result(suite, "data_using_rows", {"n": p["fisher_examples"], "alpha": p["regmean_alpha"],
+                                                    "seed": p["seed"]})
+    for name, res in (("reference rows", ref), ("data-using rows", data)):
+        if res is None:
+            out.missing.append(name)
+            continue
+        for m, acc in res["accuracy"].items():
+            out.rows[m] = {"accuracy": acc, "correct": res["correct"][m], "setting": ""}
+    zeros = suite.meta.get("ties_extra_zeros", 0)
+    sweeps = {"Task Arithmetic": lookup_sweep(suite, "task_arithmetic", p["lambdas"]),
+              "Ties-Merging (sum)": lookup_sweep(suite, "ties", p["lambdas"], k=p["ties_k"], disjoint="sum",
+                                                 extra_zeros=zeros),
+              "Ties-Merging (mean)": lookup_sweep(suite, "ties", p["ties_mean_lambdas"], k=p["ties_k"],
+                                                  disjoint="mean", extra_zeros=zeros)}
+    for m, sw in sweeps.items():
+        if sw is None:
+            out.missing.append(f"{m} sweep")
+        else:
+            out.rows[m] = _select(sw)
+    return out
+
+
+ADAMERGING_VARIANTS = {"Task-wise AdaMerging": ("task", False), "Task-wise AdaMerging++": ("task", True),
+                       "Layer-wise AdaMerging": ("layer", False), "Layer-wise AdaMerging++": ("layer", True)}
+
+
+def adamerging_params(p: Mapping[str, Any], granularity: str, plus_plus: bool) -> dict[str, Any]:
+    """The cache parameters chapter 02 stores one AdaMerging run under."""
+    return {"granularity": granularity, "plus_plus": plus_plus, "steps": p["steps"], "lr": p["lr"],
+            "batch_size": p["batch_size"], "bpp": p["batches_per_step"], "seed": p["seed"],
+            "eval_every": p["eval_every"]}
+
+
+def chapter02(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
+    """The four AdaMerging variants (accuracies only; intervals from their per-task counts)."""
+    out = ChapterRows("02")
+    for m, (g, pp) in ADAMERGING_VARIANTS.items():
+        res = lookup_result(suite, "adamerging", adamerging_params(p, g, pp))
+        if res is None:
+            out.missing.append(m)
+        else:
+            out.rows[m] = {"accuracy": res["accuracy"], "correct": None, "setting": f"{p['steps']} steps"}
+    return out
+
+
+def chapter03(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
+    """Concrete TA and Concrete AdaMerging (the chapter's own AdaMerging baseline is chapter 02's method)."""
+    out = ChapterRows("03")
+    params = dict(ta=p["concrete_ta_steps"], meta=p["meta_steps"], tta=p["tta_steps"], ada=p["adamerging_steps"],
+                  mask=p["eval_mask"], batch_size=p["batch_size"], seed=p["seed"], device=p["device"],
+                  eval_every=p["eval_every"])
+    res = lookup_result(suite, "concrete", params)
+    if res is None:
+        out.missing.append("Concrete runs")
+        return out
+    out.rows["Concrete TA"] = {"accuracy": res["Concrete TA"]["accuracy"], "correct": None,
+                               "setting": f"{p['concrete_ta_steps']} steps"}
+    out.rows["Concrete AdaMerging"] = {"accuracy": res["Concrete AdaMerging"]["accuracy"], "correct": None,
+                                       "setting": f"{p['meta_steps']}+{p['tta_steps']} steps"}
+    return out
+
+
+def chapter04(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
+    """CART at the chapter's ratio and val-chosen λ, and CART++."""
+    out = ChapterRows("04")
+    res = lookup_result(suite, "cart_table1", cart_table_params(p))
+    if res is None:
+        out.missing.append("CART / CART++ rows")
+        return out
+    for m in ("CART", "CART++"):
+        if m in res:
+            out.rows[m] = res[m]
+    return out
+
+
+def cart_table_params(p: Mapping[str, Any]) -> dict[str, Any]:
+    """The cache parameters chapter 04 stores its CART / CART++ rows under."""
+    return {"ratio": float(p["cart_ratio"]), "lambdas": [float(x) for x in p["cart_lambdas"]],
+            "steps": int(p["cartpp_steps"]), "bs": int(p["cartpp_batch_size"]), "seed": int(p["seed"])}
+
+
+def chapter06_specs(p: Mapping[str, Any]) -> dict[str, tuple[str, list[float], dict[str, Any]]]:
+    """Chapter 06's spectral-family specs (label → method, grid, params), as its first cell builds them."""
+    kw = {"matrix_set": p["matrix_set"]}
+    return {
+        "TSV-M": ("tsv_m", p["spectral_alphas"], kw),
+        "Iso-C": ("iso_c", p["spectral_alphas"], kw),
+        "Iso-CTS": ("iso_cts", p["spectral_alphas"], {**kw, "common_fraction": p["iso_common_fraction"]}),
+        "DARE + TA": ("dare", p["ta_lambdas"], {"p": p["dare_p"], "merger": "task_arithmetic", "seed": p["seed"]}),
+        "DARE + Ties": ("dare", p["dare_ties_lambdas"], {"p": p["dare_p"], "merger": "ties", "seed": p["seed"]}),
+    }
+
+
+def chapter06(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
+    """TSV-M, Iso-C, Iso-CTS and DARE at their val-chosen coefficients (spectral_analysis.select_and_score)."""
+    out = ChapterRows("06")
+    for lab, (m, grid, kw) in chapter06_specs(p).items():
+        res = lookup_result(suite, f"ch06-{m}-{lab}", {"grid": [float(g) for g in grid], "param": "scaling_coef",
+                                                       **kw})
+        if res is None:
+            out.missing.append(lab)
+        else:
+            out.rows[lab] = {"accuracy": res["test"], "correct": res["correct"],
+                             "setting": f"α/λ={res['chosen']:g} (val)"}
+    return out
+
+
+READERS = {"01": chapter01, "02": chapter02, "03": chapter03, "04": chapter04, "06": chapter06}
+
+
+def collect(suite: Any, profile: str, overrides: Mapping[str, Any] | None = None,
+            root: str | Path | None = None) -> list[ChapterRows]:
+    """Every chapter's rows for this suite, read from the caches (never computed)."""
+    return [READERS[c](suite, chapter_params(c, profile, overrides, root)) for c in READERS]
+
+
+# ------------------------------------------------------------------------------------ grand table
+def grand_frame(chapters: Sequence[ChapterRows], tasks: Sequence[str], sizes: Mapping[str, int],
+                n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per method: group, chapter, setting, avg, lo, hi, per-task accuracies (%).
+
+    Rows with per-sample correctness get their stratified bootstrap interval; rows with accuracies
+    only (adaptation runs) get the same interval from their per-task counts on ``sizes`` images.
+    """
+    from .cart_analysis import correct_from_accuracy
+
+    recs = []
+    for ch in chapters:
+        for m, r in ch.rows.items():
+            if m in {x["method"] for x in recs}:
+                continue  # a method reported by two chapters is kept from the first
+            acc = r["accuracy"]
+            present = [t for t in tasks if t in acc]
+            if r.get("correct"):
+                cs = unpack_by_task({t: r["correct"][t] for t in present})
+            else:
+                cs = correct_from_accuracy({t: acc[t] for t in present}, {t: sizes[t] for t in present})
+            iv = average_interval(cs, n_boot=n_boot, seed=seed)
+            rec = {"group": METHOD_GROUPS.get(m, "training-free"), "method": m, "chapter": ch.chapter,
+                   "setting": r.get("setting", ""), "avg": iv.mean, "lo": iv.lo, "hi": iv.hi}
+            rec.update({t: float(acc[t]) for t in tasks if t in acc})
+            recs.append(rec)
+    if not recs:
+        return pd.DataFrame(columns=["group", "chapter", "setting", "avg", "lo", "hi", *tasks]).rename_axis("method")
+    df = pd.DataFrame(recs)
+    df["_g"] = [GROUPS.index(g) for g in df["group"]]
+    df = df.sort_values(["_g"], kind="stable").drop(columns="_g").set_index("method")
+    df.attrs["level"] = 0.95
+    return df
+
+
+def reported_columns(profile: Any, methods: Sequence[str]) -> pd.DataFrame:
+    """Each paper's own reported average per method (``reference.reported_frame``), plus the
+    spectral family's sources (authors' result files, FusionBench) on ViT-B/32."""
+    from .reference import reference_arch, reported_frame
+
+    canon = {"Ties-Merging (sum)": "Ties-Merging", "Concrete AdaMerging": "Layer-wise Concrete AdaMerging"}
+    names = [canon.get(m, m) for m in methods]
+    rep = reported_frame(profile, names, papers=("adamerging", "concrete_subspace", "cart"))
+    rep.index = list(methods)
+    rep.columns = [{"adamerging": "AdaMerging paper", "concrete_subspace": "Concrete paper",
+                    "cart": "CART paper"}[c] for c in rep.columns]
+    if reference_arch(profile) == "ViT-B/32":
+        from .spectral_analysis import reported_averages
+
+        spec = reported_averages([m for m in methods if m in ("TSV-M", "Iso-C", "Iso-CTS")])
+        rep["spectral sources"] = [spec.get(m, np.nan) for m in methods]
+    # Ties (mean) has no reported row: all three papers quote the sum rule
+    if "Ties-Merging (mean)" in rep.index:
+        rep.loc["Ties-Merging (mean)"] = np.nan
+    return rep
+
+
+def consensus(reported: pd.DataFrame) -> pd.Series:
+    """One reported number per method: the first paper (in column order) that reports it."""
+    return reported.apply(lambda r: next((float(v) for v in r if np.isfinite(v)), np.nan), axis=1)
+
+
+def display_frame(grand: pd.DataFrame, reported: pd.DataFrame) -> pd.DataFrame:
+    """Strings for the page: group, chapter, setting, ours [95% CI], each paper's number (– where none)."""
+    out = pd.DataFrame(index=grand.index)
+    out["group"] = grand["group"]
+    out["chapter"] = grand["chapter"]
+    out["setting"] = grand["setting"]
+    out["ours [95% CI]"] = [format_interval(m, lo, hi) for m, lo, hi in zip(grand["avg"], grand["lo"], grand["hi"])]
+    for c in reported.columns:
+        out[c] = ["–" if not np.isfinite(v) else f"{v:.1f}" for v in reported.loc[grand.index, c]]
+    return out
+
+
+def rank_agreement(ours: Mapping[str, float], reported: pd.DataFrame) -> pd.DataFrame:
+    """Kendall's τ between our averages and each reported column (and the consensus), over shared methods."""
+    from .reference import kendall_tau
+
+    cols = {c: reported[c] for c in reported.columns}
+    cols["consensus (first paper reporting)"] = consensus(reported)
+    rows = []
+    for c, s in cols.items():
+        rep = {m: float(v) for m, v in s.items() if np.isfinite(v) and m in ours}
+        rows.append({"reported by": c, "methods compared": len(rep), "Kendall τ": kendall_tau(dict(ours), rep)})
+    return pd.DataFrame(rows).set_index("reported by")
+
+
+def plot_averages(ax: Any, grand: pd.DataFrame, reported: pd.DataFrame, color: Any) -> None:
+    """Our averages with 95% intervals (dots in each method's colour) and each paper's (open markers)."""
+    markers = ["D", "s", "^", "v"]
+    y = np.arange(len(grand))[::-1]
+    for yi, (m, r) in zip(y, grand.iterrows()):
+        ax.errorbar(r["avg"], yi, xerr=[[r["avg"] - r["lo"]], [r["hi"] - r["avg"]]], fmt="o", color=color(m),
+                    ecolor="black", elinewidth=1, capsize=2, ms=6, zorder=3)
+    for j, c in enumerate(reported.columns):
+        vals = reported.loc[grand.index, c].to_numpy(dtype=float)
+        ok = np.isfinite(vals)
+        ax.scatter(vals[ok], y[ok], marker=markers[j % len(markers)], facecolors="white",
+                   edgecolors=[color(m) for m, k in zip(grand.index, ok) if k], s=36, zorder=4,
+                   label=f"reported: {c}")
+    ax.set_yticks(y, list(grand.index))
+    ax.set_xlabel("average accuracy (%)")
+    ax.scatter([], [], marker="o", color="#555555", label="ours, 95% interval")
+    ax.legend(loc="lower left", fontsize=7)
+
+
+__all__ = ["CHAPTERS", "ChapterRows", "GROUPS", "METHOD_GROUPS", "adamerging_params", "cart_table_params",
+           "chapter_params", "collect", "consensus", "display_frame", "grand_frame", "parameters_cell",
+           "plot_averages", "rank_agreement", "reported_columns"]
