@@ -25,8 +25,9 @@ GRID = {"profile": "tiny", "seeds": [0, 1],
         "fixed": {"eval_per_task": 300}}
 
 
-def time_sweep(workers: int, root: Path) -> tuple[float, float]:
-    """Seconds for the whole 8-point sweep on ``workers`` workers, and the mean seconds per point."""
+def time_sweep(workers: int, root: Path) -> tuple[float, float, float]:
+    """Seconds for the whole 8-point sweep on ``workers`` workers, the mean seconds per point inside
+    its worker, and their sum (busy seconds: busy / wall is how many points ran at once)."""
     from mergebook import sweep
 
     out = Path(tempfile.mkdtemp(prefix=f"w{workers}-", dir=root))
@@ -36,7 +37,7 @@ def time_sweep(workers: int, root: Path) -> tuple[float, float]:
     failed = df[df["status"] != "ok"]
     if len(failed):
         raise SystemExit(f"{len(failed)} points failed, e.g. {failed['error'].iloc[0]}")
-    return wall, float(df["wall_time_s"].mean())
+    return wall, float(df["wall_time_s"].mean()), float(df["wall_time_s"].sum())
 
 
 def main() -> None:
@@ -56,9 +57,10 @@ def main() -> None:
         for w in counts:
             best = None
             for r in range(args.repeats):
-                wall, per_point = time_sweep(w, Path(tmp))
+                wall, per_point, busy = time_sweep(w, Path(tmp))
                 print(f"  {w} worker{'s' if w > 1 else ' '}  run {r + 1}: {wall:6.1f} s wall, "
-                      f"{per_point:5.1f} s per point (inside its worker)", flush=True)
+                      f"{per_point:5.1f} s per point (inside its worker), {busy / wall:4.2f} points at once",
+                      flush=True)
                 best = wall if best is None else min(best, wall)
             results[w] = best
     base = results.get(1)
