@@ -104,7 +104,7 @@ from mergebook.evaluate import evaluate
 from mergebook.methods import merge
 from mergebook.reference import paper_table, reference_arch, reported_rows
 from mergebook.profiles import load_suite
-from mergebook.results import cached_result, lookup_result
+from mergebook.results import cached_result
 
 t_start = time.perf_counter()
 torch.manual_seed(seed)
@@ -494,8 +494,7 @@ for m, key in [("Weight Averaging", "wa"), ("Task Arithmetic", "ta"), ("Ties-Mer
 # published; it is built from Eq. 6 on the AdaMerging engine).
 
 # %% tags=["hide-input", "remove-output"]
-p02 = S.chapter_params("02", profile)
-ada = lookup_result(suite, "adamerging", S.adamerging_params(p02, "layer", False))
+ada = S.chapter02(suite, S.chapter_params("02", profile)).rows.get("Layer-wise AdaMerging")  # read, never rerun
 cart_rows = cached_result(suite, "cart_table1", S.cart_table_params(
     {"cart_ratio": cart_ratio, "cart_lambdas": cart_lambdas, "cartpp_steps": cartpp_steps,
      "cartpp_batch_size": cartpp_batch_size, "seed": seed}), lambda: {
@@ -508,7 +507,8 @@ free = {"Weight Averaging": sweep["centered"]["top"]["0"]["correct"],
         "CART": cart_rows["CART"]["correct"]}
 adaptive = {"CART++": cart_rows["CART++"]["correct"]}
 if ada is not None:
-    adaptive = {"Layer-wise AdaMerging": X.pack_by_task(C.correct_from_accuracy(ada["accuracy"], sizes)), **adaptive}
+    adaptive = {"Layer-wise AdaMerging": ada["correct"] or X.pack_by_task(C.correct_from_accuracy(ada["accuracy"], sizes)),
+                **adaptive}
 rows = {**free, **adaptive}
 rep = reported_rows("cart", profile, list(rows))
 table = X.results_frame(rows, tasks, reported=rep, n_boot=n_boot, seed=seed)

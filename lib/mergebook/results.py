@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,31 @@ def _key(suite: Suite, name: str, params: dict[str, Any]) -> str:
                                "params": params, "code": package_fingerprint()})
 
 
+_LOOKUP_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("mergebook_lookup_only", default=False)
+
+
+@contextlib.contextmanager
+def lookup_only() -> Iterator[None]:
+    """Inside this block :func:`cached_result` never computes: a missing entry comes back as None.
+
+    The summary chapter calls the other chapters' own cached functions (``experiment.sweep``,
+    ``experiment.adamerging_run``, ...) inside it, so it reads their results under exactly the keys
+    they were stored with and never reruns them.
+    """
+    token = _LOOKUP_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOOKUP_ONLY.reset(token)
+
+
 def cached_result(suite: Suite, name: str, params: dict[str, Any], compute: Callable[[], Any]) -> Any:
-    """Return ``compute()``'s JSON-able result, reusing a cached copy for the same suite/code/params."""
+    """Return ``compute()``'s JSON-able result, reusing a cached copy for the same suite/code/params.
+
+    Inside :func:`lookup_only` a missing entry returns None instead of computing.
+    """
+    if _LOOKUP_ONLY.get():
+        return lookup_result(suite, name, params)
     return artifacts.Cache(suite.profile).json(f"result-{name}", _key(suite, name, params), compute)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .experiment import average_interval, format_interval, unpack_by_task
-from .results import lookup_result
+from .results import lookup_only, lookup_result
 
 CHAPTERS = {
     "01": "01_task_arithmetic", "02": "02_adamerging", "03": "03_concrete_subspace",
@@ -104,26 +104,30 @@ def _select(sweep: Mapping[str, Any]) -> dict[str, Any]:
     return {"accuracy": dict(sel.test), "correct": sweep[sel.key]["test_correct"], "setting": f"λ={sel.key} (val)"}
 
 
+def _run_row(res: Mapping[str, Any], setting: str) -> dict[str, Any]:
+    return {"accuracy": res["accuracy"], "correct": res.get("correct"), "setting": setting}
+
+
 def chapter01(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
     """Pretrained, Individual, MTL, WA, Fisher, RegMean, and Task Arithmetic / Ties at their val-chosen λ."""
-    from .experiment import lookup_sweep
+    from . import experiment as ex
 
     out = ChapterRows("01")
-    ref = lookup_result(suite, "reference_rows", {})
-    data = lookup_result(suite, "data_using_rows", {"n": p["fisher_examples"], "alpha": p["regmean_alpha"],
-                                                    "seed": p["seed"]})
+    zeros = suite.meta.get("ties_extra_zeros", 0)
+    with lookup_only():
+        ref = ex.reference_rows(suite)
+        data = ex.data_using_rows(suite, p["fisher_examples"], p["regmean_alpha"], p["seed"])
+        sweeps = {"Task Arithmetic": ex.sweep(suite, "task_arithmetic", p["lambdas"]),
+                  "Ties-Merging (sum)": ex.sweep(suite, "ties", p["lambdas"], k=p["ties_k"], disjoint="sum",
+                                                 extra_zeros=zeros),
+                  "Ties-Merging (mean)": ex.sweep(suite, "ties", p["ties_mean_lambdas"], k=p["ties_k"],
+                                                  disjoint="mean", extra_zeros=zeros)}
     for name, res in (("reference rows", ref), ("data-using rows", data)):
         if res is None:
             out.missing.append(name)
             continue
         for m, acc in res["accuracy"].items():
             out.rows[m] = {"accuracy": acc, "correct": res["correct"][m], "setting": ""}
-    zeros = suite.meta.get("ties_extra_zeros", 0)
-    sweeps = {"Task Arithmetic": lookup_sweep(suite, "task_arithmetic", p["lambdas"]),
-              "Ties-Merging (sum)": lookup_sweep(suite, "ties", p["lambdas"], k=p["ties_k"], disjoint="sum",
-                                                 extra_zeros=zeros),
-              "Ties-Merging (mean)": lookup_sweep(suite, "ties", p["ties_mean_lambdas"], k=p["ties_k"],
-                                                  disjoint="mean", extra_zeros=zeros)}
     for m, sw in sweeps.items():
         if sw is None:
             out.missing.append(f"{m} sweep")
@@ -136,40 +140,65 @@ ADAMERGING_VARIANTS = {"Task-wise AdaMerging": ("task", False), "Task-wise AdaMe
                        "Layer-wise AdaMerging": ("layer", False), "Layer-wise AdaMerging++": ("layer", True)}
 
 
-def adamerging_params(p: Mapping[str, Any], granularity: str, plus_plus: bool) -> dict[str, Any]:
-    """The cache parameters chapter 02 stores one AdaMerging run under."""
-    return {"granularity": granularity, "plus_plus": plus_plus, "steps": p["steps"], "lr": p["lr"],
-            "batch_size": p["batch_size"], "bpp": p["batches_per_step"], "seed": p["seed"],
-            "eval_every": p["eval_every"]}
-
-
 def chapter02(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
-    """The four AdaMerging variants (accuracies only; intervals from their per-task counts)."""
+    """The four AdaMerging variants, as chapter 02 runs them (``experiment.adamerging_run``).
+
+    Results cached by the chapter's earlier in-cell form (name ``adamerging``, accuracies only) are
+    read too; their intervals then come from the per-task counts.
+    """
+    from . import experiment as ex
+
     out = ChapterRows("02")
     for m, (g, pp) in ADAMERGING_VARIANTS.items():
-        res = lookup_result(suite, "adamerging", adamerging_params(p, g, pp))
+        with lookup_only():
+            res = ex.adamerging_run(suite, g, pp, steps=p["steps"], lr=p["lr"], batch_size=p["batch_size"],
+                                    batches_per_step=p["batches_per_step"], seed=p["seed"],
+                                    eval_every=p["eval_every"], device=p["device"])
+        if res is None:
+            res = lookup_result(suite, "adamerging", {"granularity": g, "plus_plus": pp, "steps": p["steps"],
+                                                      "lr": p["lr"], "batch_size": p["batch_size"],
+                                                      "bpp": p["batches_per_step"], "seed": p["seed"],
+                                                      "eval_every": p["eval_every"]})
         if res is None:
             out.missing.append(m)
         else:
-            out.rows[m] = {"accuracy": res["accuracy"], "correct": None, "setting": f"{p['steps']} steps"}
+            out.rows[m] = _run_row(res, f"{p['steps']} steps")
     return out
 
 
 def chapter03(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
-    """Concrete TA and Concrete AdaMerging (the chapter's own AdaMerging baseline is chapter 02's method)."""
+    """Concrete TA and layer-wise Concrete AdaMerging (``experiment.concrete_run``, or the chapter's
+    earlier in-cell cache ``concrete``); its AdaMerging baseline is chapter 02's method."""
+    from . import experiment as ex
+
     out = ChapterRows("03")
-    params = dict(ta=p["concrete_ta_steps"], meta=p["meta_steps"], tta=p["tta_steps"], ada=p["adamerging_steps"],
-                  mask=p["eval_mask"], batch_size=p["batch_size"], seed=p["seed"], device=p["device"],
-                  eval_every=p["eval_every"])
-    res = lookup_result(suite, "concrete", params)
-    if res is None:
-        out.missing.append("Concrete runs")
-        return out
-    out.rows["Concrete TA"] = {"accuracy": res["Concrete TA"]["accuracy"], "correct": None,
-                               "setting": f"{p['concrete_ta_steps']} steps"}
-    out.rows["Concrete AdaMerging"] = {"accuracy": res["Concrete AdaMerging"]["accuracy"], "correct": None,
-                                       "setting": f"{p['meta_steps']}+{p['tta_steps']} steps"}
+    common = dict(batch_size=p["batch_size"], seed=p["seed"], eval_every=p["eval_every"], eval_mask=p["eval_mask"],
+                  device=p["device"])
+    with lookup_only():
+        runs = {"Concrete TA": ex.concrete_run(suite, "none", steps=p["concrete_ta_steps"], **common),
+                "Concrete AdaMerging": ex.concrete_run(suite, "layer", meta_steps=p["meta_steps"],
+                                                       tta_steps=p["tta_steps"], **common)}
+    if any(r is None for r in runs.values()):
+        legacy = lookup_result(suite, "concrete", dict(
+            ta=p["concrete_ta_steps"], meta=p["meta_steps"], tta=p["tta_steps"], ada=p["adamerging_steps"],
+            mask=p["eval_mask"], batch_size=p["batch_size"], seed=p["seed"], device=p["device"],
+            eval_every=p["eval_every"]))
+        if legacy is not None:
+            runs = {m: runs[m] if runs[m] is not None else legacy.get(m) for m in runs}
+    settings = {"Concrete TA": f"{p['concrete_ta_steps']} steps",
+                "Concrete AdaMerging": f"{p['meta_steps']}+{p['tta_steps']} steps"}
+    for m, res in runs.items():
+        if res is None:
+            out.missing.append(m)
+        else:
+            out.rows[m] = _run_row(res, settings[m])
     return out
+
+
+def cart_table_params(p: Mapping[str, Any]) -> dict[str, Any]:
+    """The cache parameters chapter 04 stores its CART / CART++ rows under (``cart_table1``)."""
+    return {"ratio": float(p["cart_ratio"]), "lambdas": [float(x) for x in p["cart_lambdas"]],
+            "steps": int(p["cartpp_steps"]), "bs": int(p["cartpp_batch_size"]), "seed": int(p["seed"])}
 
 
 def chapter04(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
@@ -185,14 +214,9 @@ def chapter04(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
     return out
 
 
-def cart_table_params(p: Mapping[str, Any]) -> dict[str, Any]:
-    """The cache parameters chapter 04 stores its CART / CART++ rows under."""
-    return {"ratio": float(p["cart_ratio"]), "lambdas": [float(x) for x in p["cart_lambdas"]],
-            "steps": int(p["cartpp_steps"]), "bs": int(p["cartpp_batch_size"]), "seed": int(p["seed"])}
-
-
 def chapter06_specs(p: Mapping[str, Any]) -> dict[str, tuple[str, list[float], dict[str, Any]]]:
-    """Chapter 06's spectral-family specs (label → method, grid, params), as its first cell builds them."""
+    """Chapter 06's spectral-family specs (label → method, grid, params), as its first cell builds them
+    (Task Arithmetic, Ties and CART come from chapters 01 and 04)."""
     kw = {"matrix_set": p["matrix_set"]}
     return {
         "TSV-M": ("tsv_m", p["spectral_alphas"], kw),
@@ -204,11 +228,13 @@ def chapter06_specs(p: Mapping[str, Any]) -> dict[str, tuple[str, list[float], d
 
 
 def chapter06(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
-    """TSV-M, Iso-C, Iso-CTS and DARE at their val-chosen coefficients (spectral_analysis.select_and_score)."""
+    """TSV-M, Iso-C, Iso-CTS and DARE at their val-chosen coefficients (``spectral_analysis.select_methods``)."""
+    from .spectral_analysis import select_methods
+
     out = ChapterRows("06")
-    for lab, (m, grid, kw) in chapter06_specs(p).items():
-        res = lookup_result(suite, f"ch06-{m}-{lab}", {"grid": [float(g) for g in grid], "param": "scaling_coef",
-                                                       **kw})
+    with lookup_only():
+        sel = select_methods(suite, chapter06_specs(p))
+    for lab, res in sel.items():
         if res is None:
             out.missing.append(lab)
         else:
@@ -332,6 +358,7 @@ def plot_averages(ax: Any, grand: pd.DataFrame, reported: pd.DataFrame, color: A
     ax.legend(loc="lower left", fontsize=7)
 
 
-__all__ = ["CHAPTERS", "ChapterRows", "GROUPS", "METHOD_GROUPS", "adamerging_params", "cart_table_params",
+__all__ = ["CHAPTERS", "ChapterRows", "GROUPS", "METHOD_GROUPS", "cart_table_params", "chapter01", "chapter02",
+           "chapter03", "chapter04", "chapter06", "chapter06_specs",
            "chapter_params", "collect", "consensus", "display_frame", "grand_frame", "parameters_cell",
            "plot_averages", "rank_agreement", "reported_columns"]
