@@ -229,7 +229,9 @@ iv = {m: X.row_interval(frame, m) for m in order}
 gap = X.Interval.point(float(frame.loc["Individual", "avg"] - frame.loc["Weight Averaging", "avg"]), "Individual − WA")
 claims = [
     X.verdict("Weight Averaging stays within 10 points of the individual models",
-              X.less(gap, 10.0), [rep["Individual"]["avg"], rep["Weight Averaging"]["avg"]]),
+              X.less(gap, 10.0),
+              f"{rep['Individual']['avg']:.1f} − {rep['Weight Averaging']['avg']:.1f} = "
+              f"{rep['Individual']['avg'] - rep['Weight Averaging']['avg']:.1f} points (holds)"),
     X.verdict("Concrete TA beats Task Arithmetic", X.greater(iv["Concrete TA"], iv["Task Arithmetic"]),
               [rep["Concrete TA"]["avg"], rep["Task Arithmetic"]["avg"]]),
     X.verdict("Layer-wise Concrete AdaMerging beats layer-wise AdaMerging",
