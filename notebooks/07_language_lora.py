@@ -77,7 +77,7 @@ if "google.colab" in sys.modules:  # Colab: install the library with the languag
     import subprocess
 
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "mergebook[peft,minilm] @ git+https://github.com/merging-reproduced/merging-reproduced"], check=True)
+                    "mergebook[book,hub] @ git+https://github.com/merging-reproduced/merging-reproduced@v0.2.0"], check=True)
 
 import matplotlib.pyplot as plt
 import pandas as pd
