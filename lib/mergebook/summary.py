@@ -248,8 +248,18 @@ READERS = {"01": chapter01, "02": chapter02, "03": chapter03, "04": chapter04, "
 
 def collect(suite: Any, profile: str, overrides: Mapping[str, Any] | None = None,
             root: str | Path | None = None) -> list[ChapterRows]:
-    """Every chapter's rows for this suite, read from the caches (never computed)."""
-    return [READERS[c](suite, chapter_params(c, profile, overrides, root)) for c in READERS]
+    """Every chapter's rows for this suite, read from the caches (never computed).
+
+    A chapter whose source is not beside the library (a pip install without the notebooks) or
+    whose parameters changed names is reported missing, not guessed.
+    """
+    out = []
+    for c, read in READERS.items():
+        try:
+            out.append(read(suite, chapter_params(c, profile, overrides, root)))
+        except (FileNotFoundError, KeyError) as e:
+            out.append(ChapterRows(c, missing=[f"results (its parameters could not be read: {e})"]))
+    return out
 
 
 # ------------------------------------------------------------------------------------ grand table
@@ -339,6 +349,48 @@ def rank_agreement(ours: Mapping[str, float], reported: pd.DataFrame) -> pd.Data
     return pd.DataFrame(rows).set_index("reported by")
 
 
+# The papers' cross-chapter conclusions, as (claim, better method, worse method); decided on our
+# averages with their 95% intervals, beside the first paper that reports both methods.
+CLAIMS = (
+    ("Task Arithmetic beats weight averaging", "Task Arithmetic", "Weight Averaging"),
+    ("Ties-Merging beats Task Arithmetic", "Ties-Merging (sum)", "Task Arithmetic"),
+    ("RegMean beats Fisher Merging", "RegMean", "Fisher Merging"),
+    ("Layer-wise AdaMerging beats task-wise", "Layer-wise AdaMerging", "Task-wise AdaMerging"),
+    ("Layer-wise AdaMerging beats Task Arithmetic", "Layer-wise AdaMerging", "Task Arithmetic"),
+    ("AdaMerging++ beats AdaMerging (layer-wise)", "Layer-wise AdaMerging++", "Layer-wise AdaMerging"),
+    ("Concrete TA beats Task Arithmetic", "Concrete TA", "Task Arithmetic"),
+    ("Concrete AdaMerging beats layer-wise AdaMerging", "Concrete AdaMerging", "Layer-wise AdaMerging"),
+    ("CART beats Ties-Merging", "CART", "Ties-Merging (sum)"),
+    ("Training-free CART beats layer-wise AdaMerging", "CART", "Layer-wise AdaMerging"),
+    ("CART++ beats CART", "CART++", "CART"),
+    ("TSV-M beats Task Arithmetic", "TSV-M", "Task Arithmetic"),
+    ("Iso-CTS beats Iso-C", "Iso-CTS", "Iso-C"),
+)
+
+
+def summary_claims(grand: pd.DataFrame, reported: pd.DataFrame) -> tuple[list[Any], list[str]]:
+    """The :data:`CLAIMS` whose two methods both ran (as verdicts), and the text of those that did not."""
+    from .experiment import Interval, greater, verdict
+
+    def iv(m: str) -> Interval:
+        r = grand.loc[m]
+        return Interval(float(r["avg"]), float(r["lo"]), float(r["hi"]), 0.95, m)
+
+    decided, skipped = [], []
+    for text, a, b in CLAIMS:
+        if a not in grand.index or b not in grand.index:
+            skipped.append(f"{text} (needs {' and '.join(m for m in (a, b) if m not in grand.index)})")
+            continue
+        rep = None
+        for c in reported.columns:
+            pair = [reported.loc[a, c], reported.loc[b, c]] if a in reported.index and b in reported.index else []
+            if len(pair) == 2 and all(np.isfinite(pair)):
+                rep = [float(v) for v in pair]
+                break
+        decided.append(verdict(text, greater(iv(a), iv(b)), rep))
+    return decided, skipped
+
+
 def plot_averages(ax: Any, grand: pd.DataFrame, reported: pd.DataFrame, color: Any) -> None:
     """Our averages with 95% intervals (dots in each method's colour) and each paper's (open markers)."""
     markers = ["D", "s", "^", "v"]
@@ -361,4 +413,4 @@ def plot_averages(ax: Any, grand: pd.DataFrame, reported: pd.DataFrame, color: A
 __all__ = ["CHAPTERS", "ChapterRows", "GROUPS", "METHOD_GROUPS", "cart_table_params", "chapter01", "chapter02",
            "chapter03", "chapter04", "chapter06", "chapter06_specs",
            "chapter_params", "collect", "consensus", "display_frame", "grand_frame", "parameters_cell",
-           "plot_averages", "rank_agreement", "reported_columns"]
+           "plot_averages", "rank_agreement", "reported_columns", "summary_claims"]
