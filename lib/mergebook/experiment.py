@@ -809,11 +809,11 @@ def mask_frame(mask_stats: Mapping[str, Any], by: str = "block", suite: Any = No
 # Entropy against loss (AdaMerging Fig. 3 and Fig. 11)
 # --------------------------------------------------------------------------------------------------
 def binned_means(x: Any, y: Any, n_bins: int = 11) -> pd.DataFrame:
-    """Mean of ``x`` and ``y`` in ``n_bins`` equal-count bins of ``x`` (quantile edges)."""
+    """Mean of ``x`` and ``y`` in ``n_bins`` equal-count bins of ``x`` (fewer when there are fewer samples)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1 or x.size < n_bins:
-        raise ValueError(f"binned_means: need two 1-d arrays of equal length ≥ n_bins={n_bins}, "
-                         f"got {x.shape} and {y.shape}")
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"binned_means: need two non-empty 1-d arrays of equal length, got {x.shape} and {y.shape}")
+    n_bins = min(int(n_bins), x.size)
     order = np.argsort(x, kind="stable")
     parts = np.array_split(order, n_bins)
     return pd.DataFrame({"bin": np.arange(1, n_bins + 1), "x": [x[p].mean() for p in parts],

@@ -25,6 +25,8 @@ METHOD_COLORS: dict[str, str] = {
     "Layer-wise AdaMerging++": "#f08c5a",
     "Concrete TA": "#2ca02c",
     "Concrete AdaMerging": "#1b5e20",
+    "Layer-wise Concrete AdaMerging": "#1b5e20",
+    "Task-wise Concrete AdaMerging": "#8bc34a",
     "CART": "#d62728",
     "CART++": "#9e1b1b",
     "TSV-M": "#7b3294",
