@@ -740,7 +740,12 @@ def block_order(suite: Any, keys: Sequence[str]) -> list[str]:
     """The blocks of ``keys`` (``adaptation.block_of``) in forward order: embeddings, blocks 0..n, head."""
     from .adaptation import block_of
 
-    return list(dict.fromkeys(block_of(k) for k in forward_order(suite, keys)))
+    blocks = list(dict.fromkeys(block_of(k) for k in forward_order(suite, keys)))
+    # parameters registered before the blocks but applied after them (CLIP's ln_post and proj)
+    return sorted(blocks, key=lambda b: 1 if b.split(".")[-1] in OUTPUT_PARTS else 0)
+
+
+OUTPUT_PARTS = ("ln_post", "proj", "post_layernorm", "visual_projection", "head")
 
 
 def short_block(block: str) -> str:
