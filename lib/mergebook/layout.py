@@ -260,12 +260,16 @@ def canonical_keys(keys: Sequence[str], info: LayoutInfo) -> list[str]:
             raise LayoutError(f"key {key!r} is not a transformers CLIP vision key")
         if c not in out:
             out.append(c)
-    partial = {c: sorted(set(_QKV) - g) for c, g in groups.items() if g != set(_QKV)}
-    if partial:
-        c, missing = next(iter(partial.items()))
-        raise LayoutError(f"the keys name only part of a fused q/k/v projection ({c} lacks {missing}): Q, K and V are "
-                          "one in_proj tensor in open_clip's layout; name all three or none")
+    _require_full_qkv(groups, "the keys")
     return out
+
+
+def _require_full_qkv(groups: Mapping[str, set[str]], what: str) -> None:
+    """Q, K and V are one in_proj tensor in the canonical layout: naming only some of them is an error."""
+    for c, g in groups.items():
+        if g != set(_QKV):
+            raise LayoutError(f"{what} name only part of q/k/v (missing {sorted(set(_QKV) - g)}): in open_clip's "
+                              f"layout they are one tensor {c!r}; name all three, or the canonical name")
 
 
 def canonical_suffixes(suffixes: Sequence[str]) -> tuple[str, ...]:
@@ -286,11 +290,7 @@ def canonical_suffixes(suffixes: Sequence[str]) -> tuple[str, ...]:
                     qkv.setdefault(c, set()).add(p)
         if c not in out:
             out.append(c)
-    partial = {c: sorted(set(_QKV) - g) for c, g in qkv.items() if g != set(_QKV)}
-    if partial:
-        c, missing = next(iter(partial.items()))
-        raise LayoutError(f"the rule names only part of q/k/v (missing {missing}): in open_clip's layout they are one "
-                          f"matrix {c!r}; name all three (or the canonical suffix 'attn.in_proj_weight')")
+    _require_full_qkv(qkv, "the rule's suffixes")
     return tuple(out)
 
 
