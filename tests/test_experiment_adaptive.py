@@ -57,7 +57,7 @@ def test_forward_order_and_block_means_follow_the_model_not_the_alphabet():
     blocks = ex.block_order(suite, keys)
     assert blocks.index("transformer.resblocks.0") < blocks.index("transformer.resblocks.1")
     assert blocks.index("transformer.resblocks.1") < blocks.index("ln_post")
-    assert blocks[-2:] == ["proj", "ln_post"] or blocks[-2:] == ["ln_post", "proj"]  # applied last
+    assert blocks[-2:] == ["ln_post", "proj"]  # applied last, norm before projection
     assert blocks.index("conv1") < blocks.index("transformer.resblocks.0")
     vals = np.arange(len(keys) * 2, dtype=float).reshape(len(keys), 2)
     bm = ex.block_means(vals, keys, suite, ["x", "y"])

@@ -742,10 +742,12 @@ def block_order(suite: Any, keys: Sequence[str]) -> list[str]:
 
     blocks = list(dict.fromkeys(block_of(k) for k in forward_order(suite, keys)))
     # parameters registered before the blocks but applied after them (CLIP's ln_post and proj)
-    return sorted(blocks, key=lambda b: 1 if b.split(".")[-1] in OUTPUT_PARTS else 0)
+    last = {p: i + 1 for i, p in enumerate(OUTPUT_PARTS)}
+    return sorted(blocks, key=lambda b: last.get(b.split(".")[-1], 0))
 
 
-OUTPUT_PARTS = ("ln_post", "proj", "post_layernorm", "visual_projection", "head")
+# in the order they are applied after the last block
+OUTPUT_PARTS = ("ln_post", "post_layernorm", "proj", "visual_projection", "head")
 
 
 def short_block(block: str) -> str:
