@@ -605,7 +605,9 @@ def reference_rows(suite: Any) -> dict[str, Any]:
         return {"accuracy": {k: v["accuracy"] for k, v in rows.items()},
                 "correct": {k: v["correct"] for k, v in rows.items()}}
 
-    return cached_result(suite, "reference_rows", {}, compute)
+    # the key says whether the suite carries a multi-task model: a chapter that loaded the suite
+    # without one must not hand its MTL-less rows to a chapter that loaded it with one
+    return cached_result(suite, "reference_rows", {"mtl": "mtl" in suite.meta}, compute)
 
 
 def data_using_rows(suite: Any, num_examples: int = 200, regmean_alpha: float = 0.95, seed: int = 0) -> dict[str, Any]:
