@@ -75,7 +75,8 @@ from mergebook.reference import reference_arch
 
 t_start = time.perf_counter()
 plotting.apply_style()
-suite = load_suite(profile, device=device)
+# with_mtl as chapter 01 loads it: its reference rows (and their cache key) include the MTL model
+suite = load_suite(profile, device=device, with_mtl=True)
 tasks = suite.tasks
 sizes = {t: len(suite.test[t]) for t in tasks}
 
