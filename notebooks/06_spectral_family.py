@@ -379,4 +379,4 @@ glue("dare_avg", X.row_interval(frame, "DARE + TA").format(), display=False)
 # (FusionBench's docs say otherwise); FusionBench fixes α where the authors search it.
 #
 # ## What's next
-# The summary chapter (planned) gathers every method's row of every table in one place.
+# [The summary](05_summary) gathers every method's row of every table in one place, beside each paper's own number.
