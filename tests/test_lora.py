@@ -211,3 +211,16 @@ def test_tiny_lm_top_encoder_on_cached_states_equals_the_whole_model():
     x = M.lower_states(bert, ids, m, start=4)
     with torch.no_grad():
         torch.testing.assert_close(M.TopEncoder(bert, 4)(x), M.full_forward(bert, ids, m), rtol=1e-4, atol=1e-5)
+
+
+def test_the_book_profile_maps_to_its_language_counterpart():
+    from mergebook import language
+    from mergebook.profiles import UnknownProfileError
+
+    assert language.text_profile("tiny") == language.text_profile("tiny-lm") == "tiny-lm"
+    assert language.text_profile("vit-b-32") == "flan-t5-base-lora"
+    assert language.text_profile("vit-l-14") == "flan-t5-large-lora"
+    with pytest.raises(ValueError, match="no language counterpart"):
+        language.text_profile("random-b32")
+    with pytest.raises(UnknownProfileError):
+        language.text_profile("nope")

@@ -26,6 +26,23 @@ PAPER_ROWS = {
 }
 INDIVIDUAL_TABLE = {"4": "8", "5": "9"}
 
+#: The book is built with one image profile for every chapter (``PROFILE=vit-b-32 make book``); the
+#: language chapter runs that profile's language counterpart. Language profiles map to themselves.
+TEXT_PROFILE = {"tiny": "tiny-lm", "hub-pico": "flan-t5-pico", "vit-b-32": "flan-t5-base-lora",
+                "vit-b-16": "flan-t5-base-lora", "vit-l-14": "flan-t5-large-lora"}
+
+
+def text_profile(profile: str) -> str:
+    """The language profile this chapter runs for the book's ``profile`` (``tiny`` -> ``tiny-lm``)."""
+    from .profiles import get_profile
+
+    name = TEXT_PROFILE.get(profile, profile)
+    p = get_profile(name)  # an unknown name is an error listing the known ones
+    if "concrete_subspace" not in p.paper_table:
+        raise ValueError(f"profile {profile!r} has no language counterpart: use one of "
+                         f"{', '.join(sorted(set(TEXT_PROFILE.values())))} or an image profile of {sorted(TEXT_PROFILE)}")
+    return name
+
 
 def individual_matrix(suite: Any) -> pd.DataFrame:
     """Table 8/9: the pretrained model and each task's adapter evaluated on every task (%)."""
