@@ -113,7 +113,6 @@ task_table = pd.DataFrame({"classes": {t: ", ".join(suite.class_names[t]) for t 
                            "test examples": {t: len(suite.test[t]) for t in tasks},
                            "source": suite.meta.get("sources", {})}).loc[tasks]
 glue("tab_tasks", task_table, display=False)
-task_table
 
 # %% [markdown]
 # ```{glue:} tab_tasks
@@ -130,7 +129,6 @@ glue("acc_zero_shot", f"{matrix.loc['pre-trained'].mean():.1f}", display=False)
 glue("acc_individual", f"{pd.Series({t: matrix.loc[t, t] for t in tasks}).mean():.1f}", display=False)
 glue("offdiag", f"{L.mean_offdiagonal(matrix, tasks):+.1f}", display=False)
 glue("paper_offdiag", f"{L.mean_offdiagonal(paper_matrix, list(paper_matrix.columns)):+.1f}", display=False)
-matrix.round(1)
 
 # %% [markdown]
 # ```{glue:} tab_matrix
@@ -209,7 +207,6 @@ glue("lambda_ta", f"{rows['Task Arithmetic']['lambda']:g}", display=False)
 glue("lambda_ties", f"{rows['Ties-Merging']['lambda']:g}", display=False)
 paper_rows = pd.DataFrame(rep).T
 glue("tab_paper_rows", paper_rows, display=False)
-shown
 
 # %% [markdown]
 # ```{glue:} tab_results
@@ -258,7 +255,6 @@ glue("avg_lw", X.format_interval(*frame.loc["LW AdaMerging", ["avg", "lo", "hi"]
 glue("avg_cam", X.format_interval(*frame.loc["LW Concrete AM", ["avg", "lo", "hi"]]), display=False)
 glue("avg_ind", X.format_interval(*frame.loc["Individual", ["avg", "lo", "hi"]]), display=False)
 glue("avg_pre", X.format_interval(*frame.loc["Pretrained", ["avg", "lo", "hi"]]), display=False)
-verdicts
 
 # %% [markdown]
 # ```{glue:} tab_verdicts
