@@ -130,7 +130,6 @@ else:
     sizes = pd.DataFrame({"classes": [len(suite.class_names[t]) for t in tasks],
                           "test": [len(suite.test[t]) for t in tasks]}, index=tasks)
 glue("tab_sizes", sizes, display=False)
-sizes
 
 # %% [markdown]
 # ```{glue:figure} fig_samples
@@ -255,7 +254,6 @@ per_task = pd.DataFrame({
     "fine-tuned (this run)": individual.round(1),
 }).set_index("paper task")
 glue("tab_per_task", per_task, display=False)
-side
 
 # %% [markdown]
 # ```{glue:} tab_side

@@ -111,7 +111,6 @@ glue("val_split", suite.meta.get("val_split", "the suite's validation split"), d
 glue("ties_population", "the given image-tower tensors" if not suite.meta.get("ties_extra_zeros") else
      f"the image tower plus the {suite.meta['ties_extra_zeros']:,} zero-delta text-tower entries of the original "
      "whole-CLIP checkpoints", display=False)
-ta.round(1)
 
 # %% [markdown]
 # ```{glue:} tab_ta_sweep
@@ -124,7 +123,6 @@ ta.round(1)
 # %%
 ties_sum = ex.sweep_frame(sweeps["Ties-Merging (sum)"], tasks)
 glue("tab_ties_sweep", ties_sum.round(1), display=False)
-ties_sum.round(1)
 
 # %% [markdown]
 # ```{glue:} tab_ties_sweep
@@ -215,7 +213,6 @@ table = pd.DataFrame(rows).T.reindex(columns=tasks + ["avg"])
 table[f"reported {reference_arch(profile)} avg"] = [first_reported(profile, r, ("adamerging", "cart"))
                                                     for r in table.index]
 glue("tab_table1", table.round(1), display=False)
-table.round(1)
 
 # %% [markdown]
 # ```{glue:} tab_table1
@@ -248,7 +245,6 @@ claims = pd.DataFrame([
     ("The best λ for Task Arithmetic is small (≤ 0.4)", facts["ta_best_lam"] <= 0.4),
 ], columns=["claim (from the papers)", "holds on this profile"]).set_index("claim (from the papers)")
 glue("tab_claims", claims, display=False)
-claims
 
 # %% [markdown]
 # ```{glue:} tab_claims

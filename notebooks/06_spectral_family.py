@@ -138,7 +138,6 @@ specs = {
 selections = A.select_methods(suite, specs)
 chosen = A.chosen_frame(selections)
 glue("tab_chosen", chosen, display=False)
-chosen
 
 # %% [markdown]
 # ```{glue:} tab_chosen
@@ -156,7 +155,6 @@ frame = X.results_frame(A.correct_by_method(selections), tasks, reported=reporte
 frame.to_csv("spectral_family_results.csv")
 shown = X.format_frame(frame)
 glue("tab_results", shown, display=False)
-shown
 
 # %% [markdown]
 # ```{glue:} tab_results
@@ -302,7 +300,6 @@ claims = [
 ]
 verdicts = X.verdict_table(claims)
 glue("tab_verdicts", verdicts, display=False)
-verdicts
 
 # %% [markdown]
 # ```{glue:} tab_verdicts
@@ -334,7 +331,6 @@ fig, ax = plt.subplots(figsize=(6.5, 3.0))
 A.plot_recorded_times(ax, recorded, plotting.color)
 glue("fig_costs", fig, display=False)
 plt.close(fig)
-costs
 
 # %% [markdown]
 # ```{glue:} tab_costs
