@@ -71,6 +71,11 @@ class PicoHub:
         return entry
 
 
+def split_path(root: Path, spec, split: str) -> Path:
+    """Where the snapshot keeps one split of a hub dataset: ``datasets/<id>/<config>/<split>-00000-of-00001.parquet``."""
+    return root / "datasets" / spec.dataset / (spec.config or "default") / f"{split}-00000-of-00001.parquet"
+
+
 def write_tokenizer(directory: Path) -> tuple[int, int, int]:
     """A byte-level CLIP BPE vocabulary without merges; returns (vocab size, bos id, eos id)."""
     from tokenizers import pre_tokenizers
@@ -174,10 +179,9 @@ def build(root: str | Path, tasks: tuple[str, ...] | list[str] | None = None, n_
         if n_train:
             splits["train"] = pico_dataset(task, n_train, seed + 1000 + i)
         if parquet:
-            ddir = root / "datasets" / spec.dataset / (spec.config or "default")
-            ddir.mkdir(parents=True, exist_ok=True)
             for split, ds in list(splits.items()):
-                path = ddir / f"{split}-00000-of-00001.parquet"
+                path = split_path(root, spec, split)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 ds.to_parquet(str(path))
                 splits[split] = path
         data[spec.dataset] = splits
@@ -210,6 +214,5 @@ def snapshot(cache_root: Path | None = None, n_test: int = 24, n_train: int = 10
         fid = finetuned_id(PRETRAINED_ID, t)
         models[fid] = final / "models" / fid
         spec = hub_task(t)
-        ddir = final / "datasets" / spec.dataset / (spec.config or "default")
-        data[spec.dataset] = {s: ddir / f"{s}-00000-of-00001.parquet" for s in ("train", "test")}
+        data[spec.dataset] = {s: split_path(final, spec, s) for s in ("train", "test")}
     return PicoHub(root=final, models=models, datasets=data)
