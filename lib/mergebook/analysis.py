@@ -213,3 +213,47 @@ def task_vector_spectra(pretrained: Mapping[str, torch.Tensor], finetuned: Seque
 
 
 __all__ = ["Plane", "energy_rank", "landscape_plane", "subsets", "subsets_by_size", "task_vector_spectra"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entropy coupling: which task vector lowers or raises which task's entropy (AdaMerging's objective)
+# --------------------------------------------------------------------------------------------------
+def entropy_coupling(suite: Any, coefficient: float = 0.3, n: int = 256, temperature: float = 1.0,
+                     seed: int = 0) -> "pd.DataFrame":
+    """∂H_i/∂λ_j at the task-arithmetic point λ = ``coefficient`` for every task (row i) and task
+    vector (column j): the task-wise AdaMerging gradient, split by the task whose entropy it comes from.
+
+    ``H_i`` is the mean prediction entropy of ``n`` seeded test images of task ``i`` (unlabelled,
+    as AdaMerging sees them), with task ``i``'s head divided by ``temperature``. Task-wise
+    AdaMerging's gradient on λ_j is the column sum: a positive sum means Adam shrinks λ_j. A large
+    positive off-diagonal entry says that adding task j's vector makes task i's predictions less
+    certain, so the summed objective trades task j's accuracy for task i's confidence.
+    """
+    import pandas as pd
+    from torch.func import functional_call
+
+    from .evaluate import entropy, head_logits
+
+    if not math.isfinite(coefficient):
+        raise ValueError(f"entropy_coupling: coefficient must be finite, got {coefficient!r}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"entropy_coupling: temperature must be a positive finite number, got {temperature!r}")
+    if int(n) < 1:
+        raise ValueError(f"entropy_coupling: n must be at least 1, got {n!r}")
+    tasks = list(suite.tasks)
+    pre = suite.pretrained
+    keys = float_keys(pre)
+    vectors = [{k: suite.finetuned[t][k].to(pre[k].dtype) - pre[k] for k in keys} for t in tasks]
+    lam = torch.full((len(tasks),), float(coefficient), dtype=pre[keys[0]].dtype, requires_grad=True)
+    rows = []
+    for t in tasks:
+        params = dict(pre)
+        params.update({k: pre[k] + sum(lam[j] * vectors[j][k] for j in range(len(tasks))) for k in keys})
+        x = suite.test[t].sample(int(n), seed).images
+        logits = head_logits(functional_call(suite.model, params, (x,)), suite.heads[t].to(pre[keys[0]].dtype))
+        h = entropy(logits / temperature).mean()
+        (g,) = torch.autograd.grad(h, lam)
+        rows.append(g.detach().double().cpu().numpy())
+    frame = pd.DataFrame(np.stack(rows), index=pd.Index(tasks, name="entropy of"),
+                         columns=pd.Index(tasks, name="task vector"))
+    return frame

@@ -249,7 +249,8 @@ def load_suite(cfg: TinyConfig | None = None, *, progress: bool = True, with_mtl
     torch.manual_seed(cfg.ft_seed)
     pretrained, meta = load_pretrained()
     model = VisionTransformer(encoder_config(meta))
-    logit_scale = float(meta["logit_scale"])
+    # the heads' logit scale: the pretraining's learned one, unless the config fixes another
+    logit_scale = float(cfg.extra.get("head_logit_scale", meta["logit_scale"]))
     data = task_data(cfg, cache, progress)
     base, train_modules = _key_base(cfg)
     heads = cache.tensors("heads", artifacts.make_key({**base, "tasks": cfg.tasks}, train_modules),
