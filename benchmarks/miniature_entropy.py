@@ -3,7 +3,7 @@
 Runs layer-wise AdaMerging on the ``tiny`` suite under several settings and two objective
 temperatures, plus a miniature whose fine-tunes were retrained against heads at CLIP's logit scale
 (100 instead of the pretraining's learned 12.8), and writes one row per run to
-``book/studies/miniature_entropy.csv`` with its record (command, seed, device, date) in
+``lib/mergebook/assets/studies/miniature_entropy.csv`` with its record (command, seed, device, date) in
 ``miniature_entropy.json``. Chapter 02 reads both files; it never reruns this study (about 15
 minutes on one CPU thread, plus 5 minutes to fine-tune the retrained variant once).
 
@@ -38,7 +38,7 @@ from mergebook.methods import merge  # noqa: E402
 from mergebook.methods.adamerging import adamerging  # noqa: E402
 from mergebook.models import tiny  # noqa: E402
 
-OUT = ROOT / "book" / "studies"
+OUT = ROOT / "lib" / "mergebook" / "assets" / "studies"
 
 
 def main(argv=None) -> None:

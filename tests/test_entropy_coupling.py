@@ -45,3 +45,51 @@ def test_coupling_with_zero_vectors_is_zero_and_errors_are_clear():
         entropy_coupling(suite, coefficient=float("nan"))
     with pytest.raises(ValueError, match="n must"):
         entropy_coupling(suite, n=0)
+
+
+def test_task_vector_cosines_by_hand():
+    from mergebook.analysis import mean_off_diagonal, task_vector_cosines
+
+    pre = {"w": torch.zeros(2, 2), "b": torch.zeros(1), "step": torch.tensor(3)}  # int tensors are skipped
+    fts = [{"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "b": torch.zeros(1), "step": torch.tensor(9)},
+           {"w": torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "b": torch.zeros(1), "step": torch.tensor(0)},
+           {"w": torch.zeros(2, 2), "b": torch.tensor([-2.0]), "step": torch.tensor(0)}]
+    cos = task_vector_cosines(pre, fts, ["a", "b", "c"])
+    assert cos.loc["a", "b"] == pytest.approx(2 ** -0.5)
+    assert cos.loc["a", "c"] == pytest.approx(0.0) and cos.loc["b", "b"] == pytest.approx(1.0)
+    assert mean_off_diagonal(cos) == pytest.approx(2 * 2 ** -0.5 / 6)
+    with pytest.raises(ValueError, match="all zeros"):
+        task_vector_cosines(pre, [pre, fts[0]])
+
+
+def study_frame():
+    import pandas as pd
+
+    rows = []
+    for variant, scale, temps in [("default", 12.8, [1.0, 0.128]), ("retrained", 100.0, [1.0])]:
+        base = {"variant": variant, "head_scale": scale}
+        rows.append({**base, "method": "Individual", "housenum": 90.0, "signs": 98.0, "avg": 94.0})
+        rows.append({**base, "method": "Task Arithmetic (λ 0.3)", "housenum": 50.0, "signs": 60.0, "avg": 55.0})
+        for t in temps:
+            rows.append({**base, "method": f"dH/dλ column sum at TA (T={t:.3f})", "temperature": t,
+                         "housenum": 0.9 if t == 1.0 else -0.3, "signs": 0.5})
+            for steps, bpp in ([(300, 1), (500, 2)] if variant == "default" else [(300, 1)]):
+                rows.append({**base, "method": "Layer-wise AdaMerging", "temperature": t, "steps": steps,
+                             "batches": bpp, "lr": 1e-3, "housenum": 40.0 if t == 1.0 else 55.0, "signs": 61.0,
+                             "avg": 50.5 if t == 1.0 else 58.0})
+    return pd.DataFrame(rows)
+
+
+def test_entropy_study_table_and_numbers():
+    from mergebook.analysis import entropy_study_numbers, entropy_study_table
+
+    table = entropy_study_table(study_frame())
+    # per variant: the TA row then its AdaMerging runs; dH and Individual rows are not runs
+    assert list(table["run"]).count("Task Arithmetic (λ 0.3)") == 2 and len(table) == 2 + 4 + 1
+    first_am = table.iloc[1]
+    assert first_am["housenum"] == "40.0 (-10.0)" and first_am["Δ avg"] == "-4.5"
+    assert first_am["below TA"] == "1 of 2"  # housenum below 50, signs 61 above 60
+    nums = entropy_study_numbers(study_frame(), {"date": "d", "device": "cpu", "clip_temperature": 0.128})
+    assert nums["st_hn_sum_1"] == "+0.90" and nums["st_hn_sum_t"] == "-0.30"
+    assert nums["st_hn_am_1"] == "40.0" and nums["st_hn_am_t"] == "55.0" and nums["st_hn_ta"] == "50.0"
+    assert nums["st_ind_100"] == "94.0" and nums["st_ta_100"] == "55.0"

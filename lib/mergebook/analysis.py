@@ -257,3 +257,107 @@ def entropy_coupling(suite: Any, coefficient: float = 0.3, n: int = 256, tempera
     frame = pd.DataFrame(np.stack(rows), index=pd.Index(tasks, name="entropy of"),
                          columns=pd.Index(tasks, name="task vector"))
     return frame
+
+
+def recorded_study(name: str) -> tuple["pd.DataFrame", dict]:
+    """A committed study (``assets/studies/<name>.csv`` and its record ``<name>.json``: command,
+    seed, device, date), written by a script under ``benchmarks/``; chapters read it, never rerun it."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    base = Path(__file__).resolve().parent / "assets" / "studies"
+    csv, rec = base / f"{name}.csv", base / f"{name}.json"
+    if not csv.is_file() or not rec.is_file():
+        known = sorted(p.stem for p in base.glob("*.csv")) if base.is_dir() else []
+        raise FileNotFoundError(f"no recorded study {name!r} under {base} (known: {', '.join(known) or 'none'}); "
+                                f"run the script named in benchmarks/README.md to write it")
+    return pd.read_csv(csv), json.loads(rec.read_text())
+
+
+def task_vector_cosines(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+                        names: Sequence[str] | None = None) -> "pd.DataFrame":
+    """Pairwise cosine similarity of the flattened task vectors τ_k = θ_k − θ_pre (float tensors)."""
+    import pandas as pd
+
+    keys = float_keys(pretrained)
+    flat = torch.stack([torch.cat([(ft[k].double() - pretrained[k].double()).flatten() for k in keys])
+                        for ft in finetuned])
+    norms = flat.norm(dim=1, keepdim=True)
+    if (norms == 0).any():
+        raise ValueError("task_vector_cosines: a task vector is all zeros (fine-tuned equals pretrained); "
+                         "its cosine is undefined")
+    unit = flat / norms
+    names = list(names) if names is not None else [f"task {i}" for i in range(len(finetuned))]
+    return pd.DataFrame((unit @ unit.T).cpu().numpy(), index=names, columns=names)
+
+
+def mean_off_diagonal(frame: "pd.DataFrame") -> float:
+    """Mean of a square frame's off-diagonal entries."""
+    v = np.asarray(frame, dtype=float)
+    n = v.shape[0]
+    return float((v.sum() - np.trace(v)) / (n * n - n))
+
+
+_STUDY_TASKS = ("housenum", "signs")
+
+
+def entropy_study_table(study: "pd.DataFrame", focus: Sequence[str] = _STUDY_TASKS) -> "pd.DataFrame":
+    """The miniature entropy study (``benchmarks/miniature_entropy.py``) as a display table: one row
+    per Task Arithmetic / layer-wise AdaMerging run, with Δ against that variant's Task Arithmetic."""
+    import pandas as pd
+
+    tasks = [c for c in study.columns if c not in ("variant", "head_scale", "method", "temperature", "steps",
+                                                     "batches", "lr", "seconds", "avg")]
+    rows = []
+    for variant, part in study.groupby("variant", sort=False):
+        ta = part[part["method"].str.startswith("Task Arithmetic")].iloc[0]
+        for _, r in part.iterrows():
+            if r["method"].startswith("dH/dλ") or r["method"] == "Individual":
+                continue
+            is_ta = r["method"].startswith("Task Arithmetic")
+            rec = {"variant": variant, "run": r["method"],
+                   "T": "" if is_ta else f"{r['temperature']:.3g}",
+                   "schedule": "" if is_ta else f"{int(r['steps'])} × {int(r['batches'])}, lr {r['lr']:g}",
+                   "avg": f"{r['avg']:.1f}", "Δ avg": "" if is_ta else f"{r['avg'] - ta['avg']:+.1f}"}
+            for t in focus:
+                rec[t] = f"{r[t]:.1f}" + ("" if is_ta else f" ({r[t] - ta[t]:+.1f})")
+            rec["below TA"] = "" if is_ta else f"{int(sum(r[t] < ta[t] for t in tasks))} of {len(tasks)}"
+            rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def entropy_study_numbers(study: "pd.DataFrame", record: Mapping[str, Any], focus: str = "housenum") -> dict[str, str]:
+    """The values chapter 02 quotes from the miniature entropy study, formatted for ``glue``."""
+    default, retrained = list(dict.fromkeys(study["variant"]))[:2]
+    d, r = study[study["variant"] == default], study[study["variant"] == retrained]
+
+    def one(frame, method_prefix, **match):
+        sel = frame[frame["method"].str.startswith(method_prefix)]
+        for k, v in match.items():
+            sel = sel[np.isclose(sel[k].astype(float), v)]
+        if len(sel) != 1:
+            raise ValueError(f"entropy study: expected one {method_prefix!r} row with {match}, found {len(sel)}")
+        return sel.iloc[0]
+
+    import json
+
+    from .models.tiny_train import ASSET_RECORD
+
+    t_clip = float(record["clip_temperature"])
+    long = dict(steps=int(d["steps"].max()), batches=int(d["batches"].max()), lr=1e-3)
+    return {
+        "st_date": str(record["date"]), "st_device": str(record["device"]),
+        "st_scale": f"{float(d['head_scale'].iloc[0]):.1f}", "st_t": f"{t_clip:.3f}",
+        "st_hn_sum_1": f"{one(d, 'dH/dλ', temperature=1.0)[focus]:+.2f}",
+        "st_hn_sum_t": f"{one(d, 'dH/dλ', temperature=t_clip)[focus]:+.2f}",
+        "st_hn_am_1": f"{one(d, 'Layer-wise', temperature=1.0, **long)[focus]:.1f}",
+        "st_hn_am_t": f"{one(d, 'Layer-wise', temperature=t_clip, **long)[focus]:.1f}",
+        "st_hn_ta": f"{one(d, 'Task Arithmetic')[focus]:.1f}",
+        "st_ta_1": f"{one(d, 'Task Arithmetic')['avg']:.1f}",
+        "st_ind_100": f"{one(r, 'Individual')['avg']:.1f}",
+        "st_ta_100": f"{one(r, 'Task Arithmetic')['avg']:.1f}",
+        "st_am_100": f"{one(r, 'Layer-wise')['avg']:.1f}",
+        "st_pretrain_min": f"{float(json.loads(ASSET_RECORD.read_text())['wall_minutes']):.0f}",
+    }
