@@ -359,5 +359,6 @@ def entropy_study_numbers(study: "pd.DataFrame", record: Mapping[str, Any], focu
         "st_ind_100": f"{one(r, 'Individual')['avg']:.1f}",
         "st_ta_100": f"{one(r, 'Task Arithmetic')['avg']:.1f}",
         "st_am_100": f"{one(r, 'Layer-wise')['avg']:.1f}",
+        "st_am_100_gain": f"{one(r, 'Layer-wise')['avg'] - one(r, 'Task Arithmetic')['avg']:+.1f}",
         "st_pretrain_min": f"{float(json.loads(ASSET_RECORD.read_text())['wall_minutes']):.0f}",
     }
