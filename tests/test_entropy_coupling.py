@@ -93,3 +93,24 @@ def test_entropy_study_table_and_numbers():
     assert nums["st_hn_sum_1"] == "+0.90" and nums["st_hn_sum_t"] == "-0.30"
     assert nums["st_hn_am_1"] == "40.0" and nums["st_hn_am_t"] == "55.0" and nums["st_hn_ta"] == "50.0"
     assert nums["st_ind_100"] == "94.0" and nums["st_ta_100"] == "55.0"
+
+
+def test_pilot_table_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import pilot_table
+
+    rows = []
+    for ls, scale, am in [(0.1, 15.0, 44.0), (0.0, 40.0, 52.0)]:
+        base = {"label_smoothing": ls, "pretrain_steps": 10, "logit_scale": scale}
+        rows += [{**base, "method": "Pretrained", "housenum": 10.0, "signs": 20.0, "avg": 15.0},
+                 {**base, "method": "Individual", "housenum": 90.0, "signs": 90.0, "avg": 90.0},
+                 {**base, "method": "Task Arithmetic (λ 0.3)", "housenum": 40.0, "signs": 50.0, "avg": 45.0},
+                 {**base, "method": "dH/dλ column sum at TA", "housenum": 0.5 - ls * 10, "signs": 0.0},
+                 {**base, "method": "Layer-wise AdaMerging", "steps": 300, "batches": 1, "lr": 1e-3,
+                  "housenum": am - 10, "signs": am + 10, "avg": am}]
+    t = pilot_table(pd.DataFrame(rows))
+    assert list(t["learned logit scale"]) == ["15.0", "40.0"]
+    assert list(t["LW AM 300 × 1"]) == ["44.0 (-1.0)", "52.0 (+7.0)"]
+    assert list(t["below TA (300 × 1)"]) == ["1 of 2", "0 of 2"]  # 34 < 40; then 42 > 40 and 62 > 50
+    assert list(t["housenum ∂H/∂λ sum"]) == ["-0.50", "+0.50"]

@@ -362,3 +362,41 @@ def entropy_study_numbers(study: "pd.DataFrame", record: Mapping[str, Any], focu
         "st_am_100_gain": f"{one(r, 'Layer-wise')['avg'] - one(r, 'Task Arithmetic')['avg']:+.1f}",
         "st_pretrain_min": f"{float(json.loads(ASSET_RECORD.read_text())['wall_minutes']):.0f}",
     }
+
+
+def pilot_table(pilot: "pd.DataFrame", focus: str = "housenum") -> "pd.DataFrame":
+    """The backbone pilot (``benchmarks/miniature_pilot.py``) as one row per pretrained backbone."""
+    import pandas as pd
+
+    tasks = [c for c in pilot.columns if c not in ("label_smoothing", "pretrain_steps", "logit_scale", "method",
+                                                     "steps", "batches", "lr", "avg")]
+    rows = []
+    for ls, part in pilot.groupby("label_smoothing", sort=False):
+        get = {m: part[part["method"] == m] for m in part["method"].unique()}
+        ta = get["Task Arithmetic (λ 0.3)"].iloc[0]
+        rec = {"label smoothing": f"{ls:g}", "learned logit scale": f"{part['logit_scale'].iloc[0]:.1f}",
+               "pretrained": f"{get['Pretrained'].iloc[0]['avg']:.1f}",
+               "individual": f"{get['Individual'].iloc[0]['avg']:.1f}", "TA": f"{ta['avg']:.1f}",
+               f"{focus} ∂H/∂λ sum": f"{get['dH/dλ column sum at TA'].iloc[0][focus]:+.2f}"}
+        for _, r in get["Layer-wise AdaMerging"].iterrows():
+            sched = f"{int(r['steps'])} × {int(r['batches'])}"
+            rec[f"LW AM {sched}"] = f"{r['avg']:.1f} ({r['avg'] - ta['avg']:+.1f})"
+            rec[f"below TA ({sched})"] = f"{int(sum(r[t] < ta[t] for t in tasks))} of {len(tasks)}"
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def pilot_numbers(pilot: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
+    """The values chapter 02 quotes from the backbone pilot, formatted for ``glue`` (``pl_*``)."""
+    out = {"pl_steps": f"{int(record['pretrain_steps'])}", "pl_images": f"{int(record['n_images']):,}"}
+    gains = {}
+    for i, (ls, part) in enumerate(pilot.groupby("label_smoothing", sort=False)):
+        ta = part[part["method"] == "Task Arithmetic (λ 0.3)"].iloc[0]["avg"]
+        am = part[part["method"] == "Layer-wise AdaMerging"]
+        best = am.loc[am["avg"].idxmax()]
+        gains[i] = best["avg"] - ta
+        out.update({f"pl_ls_{i}": f"{ls:g}", f"pl_scale_{i}": f"{part['logit_scale'].iloc[0]:.1f}",
+                    f"pl_pre_{i}": f"{part[part['method'] == 'Pretrained'].iloc[0]['avg']:.1f}",
+                    f"pl_gain_{i}": f"{gains[i]:+.1f}"})
+    out["pl_effect"] = "helps" if gains[1] > gains[0] else "does not help"
+    return out
