@@ -485,7 +485,8 @@ class Recorder:
         self.history = History(tasks=list(suite.tasks))
         self.suite = eval_suite or suite
         self.steps = steps
-        self.coef_every, self.eval_every = max(1, coef_every), max(1, eval_every)
+        # eval_every <= 0: evaluate at the final step only (a run whose caller scores it itself)
+        self.coef_every, self.eval_every = max(1, coef_every), int(eval_every)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._last_acc: float | None = None
         self.bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
@@ -501,7 +502,7 @@ class Recorder:
         if coefficients is not None and (step % self.coef_every == 0 or last):
             self.history.coefficient_steps.append(step)
             self.history.coefficients.append(coefficients().detach().to("cpu", copy=True))
-        if state_dict is not None and (step % self.eval_every == 0 or last):
+        if state_dict is not None and ((self.eval_every > 0 and step % self.eval_every == 0) or last):
             self._flush()
             with torch.no_grad():
                 acc = evaluate(self.suite, state_dict())

@@ -16,6 +16,7 @@ A chapter's cells call these instead of defining helpers:
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -913,6 +914,232 @@ def step_table(ours: pd.DataFrame, reported: pd.DataFrame | None, tasks: Sequenc
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Generalisation to unseen tasks (AdaMerging Table 3, Concrete Table 3) and robustness to corrupted
+# test images (AdaMerging Table 4): merged on a subset of the suite, scored per sample, cached
+# --------------------------------------------------------------------------------------------------
+# the papers' two seen/unseen splits, by the paper's task names (the unseen pair)
+GENERALIZATION_SPLITS: tuple[tuple[str, str], ...] = (("MNIST", "EuroSAT"), ("RESISC45", "SVHN"))
+ROBUSTNESS_TASKS: tuple[str, ...] = ("Cars", "EuroSAT", "RESISC45", "GTSRB")
+GENERALIZATION_METHODS: tuple[str, ...] = (
+    "Task Arithmetic", "Ties-Merging", "Layer-wise AdaMerging", "Layer-wise AdaMerging++", "Concrete TA",
+    "Layer-wise Concrete AdaMerging")
+ROBUSTNESS_METHODS: tuple[str, ...] = ("Task Arithmetic", "Layer-wise AdaMerging")
+
+
+def tasks_for_paper(tasks: Sequence[str], paper_names: Sequence[str]) -> list[str]:
+    """Our tasks standing for the paper's ``paper_names`` (in that order), via :func:`paper_task_names`
+    (``"MNIST"`` → ``digits`` on tiny, ``MNIST`` on the CLIP profiles)."""
+    inverse = {p: t for t, p in paper_task_names(tasks).items()}
+    missing = [p for p in paper_names if p not in inverse]
+    if missing:
+        raise KeyError(f"no task of this suite stands for {missing}; its tasks map to {paper_task_names(tasks)}")
+    return [inverse[p] for p in paper_names]
+
+
+def generalization_split(tasks: Sequence[str], unseen: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(seen, unseen)`` in our task names for the paper's unseen pair (seen keep the suite's order)."""
+    held = tasks_for_paper(tasks, unseen)
+    return [t for t in tasks if t not in held], held
+
+
+def _merge_on(adapt: Any, method: str, cfg: Mapping[str, Any]) -> Any:
+    """Merged weights of ``method`` over ``adapt``'s tasks (adaptive methods adapt on its test images)."""
+    from .methods import merge
+    from .methods.adamerging import adamerging
+    from .methods.concrete import concrete_adamerging, concrete_task_arithmetic
+
+    pre, fts = adapt.pretrained, adapt.finetuned_list()
+    common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg["device"], eval_every=0,
+                  progress=True)
+    if method == "Task Arithmetic":
+        return merge("task_arithmetic", pre, fts, scaling_coef=cfg["ta_lambda"])
+    if method == "Ties-Merging":
+        return merge("ties", pre, fts, scaling_coef=cfg["ta_lambda"], k=cfg["ties_k"], disjoint="sum",
+                     extra_zeros=adapt.meta.get("ties_extra_zeros", 0))
+    if method in ("Layer-wise AdaMerging", "Layer-wise AdaMerging++"):
+        return adamerging(adapt, "layer", method.endswith("++"), steps=cfg["steps"], lr=cfg["lr"],
+                          batches_per_step=cfg["batches_per_step"], ties_k=cfg["ties_k"], **common).state_dict()
+    if method == "Concrete TA":
+        return concrete_task_arithmetic(adapt, steps=cfg["concrete_ta_steps"], eval_mask=cfg["eval_mask"],
+                                        **common).state_dict()
+    if method == "Layer-wise Concrete AdaMerging":
+        return concrete_adamerging(adapt, "layer", meta_steps=cfg["meta_steps"], tta_steps=cfg["tta_steps"],
+                                   eval_mask=cfg["eval_mask"], **common).state_dict()
+    raise KeyError(f"unknown method {method!r}; known: {list(GENERALIZATION_METHODS)}")
+
+
+def _method_cfg(method: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that change ``method``'s merge (its cache key, so a step count of another method
+    does not invalidate it)."""
+    used = {"Task Arithmetic": ("ta_lambda",), "Ties-Merging": ("ta_lambda", "ties_k"),
+            "Layer-wise AdaMerging": ("steps", "lr", "batch_size", "batches_per_step", "seed"),
+            "Layer-wise AdaMerging++": ("steps", "lr", "batch_size", "batches_per_step", "seed", "ties_k"),
+            "Concrete TA": ("concrete_ta_steps", "batch_size", "seed", "eval_mask"),
+            "Layer-wise Concrete AdaMerging": ("meta_steps", "tta_steps", "batch_size", "seed", "eval_mask")}[method]
+    return {k: cfg[k] for k in used}
+
+
+def _merge_cfg(ta_lambda: float, ties_k: float, steps: int, lr: float, batch_size: int, batches_per_step: int,
+               concrete_ta_steps: int, meta_steps: int, tta_steps: int, eval_mask: str, seed: int,
+               device: str) -> dict[str, Any]:
+    return dict(ta_lambda=float(ta_lambda), ties_k=float(ties_k), steps=int(steps), lr=float(lr),
+                batch_size=int(batch_size), batches_per_step=int(batches_per_step),
+                concrete_ta_steps=int(concrete_ta_steps), meta_steps=int(meta_steps), tta_steps=int(tta_steps),
+                eval_mask=str(eval_mask), seed=int(seed), device=device)
+
+
+def generalization_rows(suite: Any, unseen: Sequence[str], methods: Sequence[str] = GENERALIZATION_METHODS, *,
+                        ta_lambda: float = 0.3, ties_k: float = 0.2, steps: int = 200, lr: float = 1e-3,
+                        batch_size: int = 16, batches_per_step: int = 1, concrete_ta_steps: int = 200,
+                        meta_steps: int = 100, tta_steps: int = 100, eval_mask: str = "soft", seed: int = 0,
+                        device: str = "auto") -> dict[str, Any]:
+    """Merge the seen tasks' vectors (all but the paper's ``unseen`` pair) and score every task.
+
+    Each method sees only ``suite.subset(seen)``: its fine-tuned weights and, for the adaptive ones
+    (AdaMerging(++), Concrete), the seen tasks' unlabelled test images. The merged encoder is then
+    scored on the seen tasks and on the unseen ones with their own heads. One cache entry per
+    method (``generalization-run``), keyed on the subset suite (its own fingerprint) and the method's
+    settings. Returns ``{"seen": [...], "unseen": [...], "correct": {method: {task: packed}},
+    "seconds": {method: s}}``.
+    """
+    from .results import cached_result
+
+    seen, held = generalization_split(suite.tasks, unseen)
+    sub = suite.subset(seen)
+    everything = seen + held
+    cfg = _merge_cfg(ta_lambda, ties_k, steps, lr, batch_size, batches_per_step, concrete_ta_steps, meta_steps,
+                     tta_steps, eval_mask, seed, device)
+    out: dict[str, Any] = {"seen": seen, "unseen": held, "correct": {}, "seconds": {}}
+    for m in methods:
+        def compute(m: str = m) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            sd = _merge_on(sub, m, cfg)
+            return {**scored(suite, sd, everything), "seconds": time.perf_counter() - t0}
+
+        r = cached_result(sub, "generalization-run", {"method": m, **_method_cfg(m, cfg), "eval_tasks": everything,
+                                                      "eval_suite": suite.fingerprint(), "format": 1}, compute)
+        out["correct"][m], out["seconds"][m] = r["correct"], r["seconds"]
+    return out
+
+
+def robustness_rows(suite: Any, tasks: Sequence[str], corruption: str,
+                    methods: Sequence[str] = ROBUSTNESS_METHODS, *, severity: int = 3, corruption_seed: int = 0,
+                    ta_lambda: float = 0.3, ties_k: float = 0.2, steps: int = 200, lr: float = 1e-3,
+                    batch_size: int = 16, batches_per_step: int = 1, concrete_ta_steps: int = 200,
+                    meta_steps: int = 100, tta_steps: int = 100, eval_mask: str = "soft", seed: int = 0,
+                    device: str = "auto") -> dict[str, Any]:
+    """Merge ``tasks`` (our names) from models fine-tuned on clean data; adapt on and score the
+    test images under ``corruption`` (``"clean"`` for none) at ``severity``.
+
+    The corrupted suite (:func:`mergebook.robustness.corrupted_suite`) is built only when a method's
+    result is not cached, once for all methods; entries (``robustness-run``) are keyed on its own
+    fingerprint. Returns ``{"tasks": [...], "corruption": name, "correct": {method: {task: packed}},
+    "seconds": {method: s}}``.
+    """
+    from .results import cached_result
+    from .robustness import corrupted_key, corrupted_suite
+
+    tasks = list(tasks)
+    sub = suite.subset(tasks)
+    key_suite = corrupted_key(sub, corruption, severity, corruption_seed)
+    cfg = _merge_cfg(ta_lambda, ties_k, steps, lr, batch_size, batches_per_step, concrete_ta_steps, meta_steps,
+                     tta_steps, eval_mask, seed, device)
+    built: list[Any] = []
+
+    def shifted() -> Any:
+        if not built:
+            built.append(corrupted_suite(sub, corruption, severity, corruption_seed, progress=True))
+        return built[0]
+
+    out: dict[str, Any] = {"tasks": tasks, "corruption": str(corruption), "correct": {}, "seconds": {}}
+    for m in methods:
+        def compute(m: str = m) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            data = shifted()
+            sd = _merge_on(data, m, cfg)
+            return {**scored(data, sd, tasks), "seconds": time.perf_counter() - t0}
+
+        r = cached_result(key_suite, "robustness-run", {"method": m, **_method_cfg(m, cfg), "format": 1}, compute)
+        out["correct"][m], out["seconds"][m] = r["correct"], r["seconds"]
+    return out
+
+
+def split_frame(correct: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]], *,
+                n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Methods x [tasks of each group..., "<group> avg", "<group> lo", "<group> hi"] (percent).
+
+    ``groups`` is e.g. ``{"seen": [...], "unseen": [...]}``: per-task accuracies, then the group's
+    mean over its tasks with a stratified bootstrap interval (:func:`average_interval`).
+    """
+    rows = {}
+    for method, by_task in correct.items():
+        rec: dict[str, float] = {}
+        for g, ts in groups.items():
+            cs = {t: unpack_correct(by_task[t]) for t in ts}
+            rec.update({t: 100.0 * float(cs[t].mean()) for t in ts})
+            iv = average_interval(cs, n_boot=n_boot, level=level, seed=seed)
+            rec.update({f"{g} avg": iv.mean, f"{g} lo": iv.lo, f"{g} hi": iv.hi})
+        rows[method] = rec
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "method"
+    df.attrs["level"] = level
+    return df
+
+
+def group_interval(frame: pd.DataFrame, method: str, group: str, label: str | None = None) -> Interval:
+    """One method's ``<group> avg`` of a :func:`split_frame` with its interval."""
+    r = frame.loc[method]
+    return Interval(float(r[f"{group} avg"]), float(r[f"{group} lo"]), float(r[f"{group} hi"]),
+                    frame.attrs.get("level", 0.95), f"{method} ({group})" if label is None else label)
+
+
+def split_table(frame: pd.DataFrame, groups: Mapping[str, Sequence[str]],
+                reported: Mapping[str, Mapping[str, float] | None] | None = None, digits: int = 1) -> pd.DataFrame:
+    """Display strings of a :func:`split_frame`: per-task columns, ``<group> avg [95% CI]`` per group,
+    and with ``reported`` (method → our task names and ``"<group> avg"`` → value) a
+    ``"<method> · reported"`` row under each reported method."""
+    level = frame.attrs.get("level", 0.95)
+    cols: list[str] = []
+    for g, ts in groups.items():
+        cols += list(ts) + [f"{g} avg [{100 * level:g}% CI]"]
+    rows = {}
+    for method, r in frame.iterrows():
+        rec = {}
+        for g, ts in groups.items():
+            rec.update({t: _fmt(r[t], digits) for t in ts})
+            rec[f"{g} avg [{100 * level:g}% CI]"] = format_interval(r[f"{g} avg"], r[f"{g} lo"], r[f"{g} hi"], digits)
+        rows[method] = rec
+        rep = (reported or {}).get(method)
+        if rep:
+            rows[f"{method} · reported"] = {c: _fmt(rep.get(c, rep.get(c.split(" [")[0], np.nan)), digits)
+                                            for c in cols}
+    out = pd.DataFrame.from_dict(rows, orient="index")[cols]
+    out.index.name = frame.index.name
+    return out
+
+
+def reported_split(rows: Mapping[str, Mapping[str, float] | None], tasks: Sequence[str],
+                   groups: Sequence[str] = ("seen", "unseen")) -> dict[str, dict[str, float] | None]:
+    """A paper's printed rows (paper task names, ``"avg (seen tasks)"``...) under our task names and
+    ``"<group> avg"`` keys (``"avg"`` alone → the first group's), ready for :func:`split_table`."""
+    names = paper_task_names(tasks)
+    out: dict[str, dict[str, float] | None] = {}
+    for m, row in rows.items():
+        if row is None:
+            out[m] = None
+            continue
+        rec = {t: row[p] for t, p in names.items() if p in row}
+        for g in groups:
+            key = f"avg ({g} tasks)"
+            if key in row:
+                rec[f"{g} avg"] = row[key]
+        if "avg" in row:
+            rec[f"{groups[0]} avg"] = row["avg"]
+        out[m] = rec
+    return out
+
+
 __all__ = [
     "FAILS", "HOLDS", "PARTLY", "Claim", "Interval", "Rule", "Selection", "all_of", "average_interval",
     "best_on_val", "bootstrap_interval", "data_using_rows", "lookup_sweep", "reference_rows", "format_frame", "format_interval", "grid_key", "greater",
@@ -922,5 +1149,7 @@ __all__ = [
     "adamerging_run", "adaptive_run", "binned_means", "block_means", "block_order", "coefficient_frame",
     "concrete_run", "entropy_loss_bins", "entropy_loss_spearman", "forward_order", "history_frame",
     "mask_frame", "paper_task_names", "reported_by_task", "results_tables", "short_block", "step_table",
-    "tensor_kind",
+    "tensor_kind", "GENERALIZATION_METHODS", "GENERALIZATION_SPLITS", "ROBUSTNESS_METHODS", "ROBUSTNESS_TASKS",
+    "generalization_rows", "generalization_split", "group_interval", "reported_split", "robustness_rows",
+    "split_frame", "split_table", "tasks_for_paper",
 ]

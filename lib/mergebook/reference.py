@@ -379,3 +379,39 @@ def first_reported(profile: Any, method: str, papers: Sequence[str] = PAPERS, ki
         if np.isfinite(v):
             return v
     return float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generalisation (unseen tasks) and robustness (corruptions) blocks
+# --------------------------------------------------------------------------------------------------
+def generalization_block(paper: str, profile: Any, unseen: Sequence[str]) -> str:
+    """The block of ``paper``'s generalization table whose unseen tasks are ``unseen`` (paper task
+    names, any order): ``"unseen MNIST+EuroSAT"`` (AdaMerging Table 6 prints it ``EuroSAT+MNIST``).
+    KeyError when the profile's scale has no such table or block."""
+    table = paper_table(paper, profile, "generalization")
+    want = set(unseen)
+    labels = [b.split(":", 1)[1] for b in table_blocks(paper, table) if ":" in b]
+    for label in labels:
+        if label.startswith("unseen ") and set(label[len("unseen "):].split("+")) == want:
+            return label
+    raise KeyError(f"{paper} table {table} has no block with unseen tasks {sorted(want)}; blocks: {labels}")
+
+
+def reported_generalization(paper: str, profile: Any, methods: Sequence[str],
+                            unseen: Sequence[str]) -> dict[str, dict[str, float] | None]:
+    """Each method's printed row of the generalization block for ``unseen`` (None where absent):
+    ``{task: value, "avg (seen tasks)": v, "avg (unseen tasks)": v}`` in paper task names. A profile
+    without a generalization table at its scale raises KeyError ("prints no generalization table")."""
+    return reported_rows(paper, profile, methods, "generalization", generalization_block(paper, profile, unseen))
+
+
+def robustness_block(corruption: str) -> str:
+    """AdaMerging's robustness block for a corruption key or name (``"clean"`` → ``"Clean"``)."""
+    from .data.corruptions import PAPER_NAMES, canonical
+
+    return "Clean" if str(corruption).lower() == "clean" else PAPER_NAMES[canonical(corruption)]
+
+
+def reported_robustness(profile: Any, methods: Sequence[str], corruption: str) -> dict[str, dict[str, float] | None]:
+    """AdaMerging's printed row per method for one corruption (Table 4 on B/32, 7 on B/16)."""
+    return reported_rows("adamerging", profile, methods, "robustness", robustness_block(corruption))

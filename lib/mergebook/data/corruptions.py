@@ -7,7 +7,8 @@ ImageNet-C (Hendrycks & Dietterich, ICLR 2019), written with numpy, scipy, sciki
 Images are ``[H, W]``, ``[H, W, C]`` or a batch ``[N, H, W, C]``, either ``uint8`` in [0, 255] or
 floating in [0, 1]; the output has the input's shape, dtype and range. ``severity`` is 1 (mild) to
 5 (harsh). Every random draw comes from ``seed``, the image's index in the batch and the
-corruption's name, so an image is corrupted the same way whatever batch it sits in.
+corruption's name, so an image is corrupted the same way whatever batch it sits in (``start``
+gives the index of a batch's first image, so a test set corrupted in chunks matches one call).
 
 Parameters follow image size. Spatial ones (blur length, pixel cells, spatter blob size) scale with
 the side length from ImageNet-C's 224-px values. The others (noise level, contrast factor, JPEG
@@ -88,17 +89,17 @@ def _rng(seed: int, index: int, name: str) -> np.random.Generator:
 def _per_image(fn: Callable[[np.ndarray, int, np.random.Generator], np.ndarray], name: str) -> Callable:
     """Lift ``fn(float [H, W, C], severity, rng) -> float`` to the public signature."""
 
-    def apply(images: np.ndarray, severity: int = 3, seed: int = 0) -> np.ndarray:
+    def apply(images: np.ndarray, severity: int = 3, seed: int = 0, start: int = 0) -> np.ndarray:
         severity = _check_severity(severity)
         a = np.asarray(images)
         if a.ndim == 2:
-            return apply(a[..., None], severity, seed)[..., 0]
+            return apply(a[..., None], severity, seed, start)[..., 0]
         if a.ndim == 3:
             if a.shape[-1] not in (1, 3):
                 raise ValueError(f"expected [H, W, C] with C = 1 or 3 (channels last), got shape {a.shape}; "
                                  "a channels-first array needs .transpose(1, 2, 0) first")
             x, dtype = _to_float(a)
-            return _back(fn(x, severity, _rng(seed, 0, name)), dtype)
+            return _back(fn(x, severity, _rng(seed, start, name)), dtype)
         if a.ndim == 4:
             if a.shape[-1] not in (1, 3):
                 raise ValueError(f"expected a batch [N, H, W, C] with C = 1 or 3 (channels last), got shape "
@@ -106,7 +107,7 @@ def _per_image(fn: Callable[[np.ndarray, int, np.random.Generator], np.ndarray],
             x, dtype = _to_float(a)
             out = np.empty_like(x)
             for i in range(x.shape[0]):
-                out[i] = fn(x[i], severity, _rng(seed, i, name))
+                out[i] = fn(x[i], severity, _rng(seed, start + i, name))
             return _back(out, dtype)
         raise ValueError(f"images must be [H, W], [H, W, C] or [N, H, W, C]; got shape {a.shape}")
 
@@ -230,10 +231,11 @@ jpeg = _per_image(_jpeg, "jpeg")
 jpeg.__doc__ = "Save as JPEG at a severity-dependent quality with PIL and decode again."
 
 
-def motion_blur(images: np.ndarray, severity: int = 3, seed: int = 0, angle: float | None = None) -> np.ndarray:
+def motion_blur(images: np.ndarray, severity: int = 3, seed: int = 0, angle: float | None = None,
+                start: int = 0) -> np.ndarray:
     """Blur along a line at a seeded angle in [-45°, 45°] (or ``angle``), length growing with severity."""
     fn = _per_image(lambda x, s, rng: _motion_blur(x, s, rng, angle), "motion_blur")
-    return fn(images, severity, seed)
+    return fn(images, severity, seed, start)
 
 
 FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
@@ -242,14 +244,20 @@ FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def corrupt(images: np.ndarray, name: str, severity: int = 3, seed: int = 0) -> np.ndarray:
-    """Apply the corruption ``name`` (one of :data:`CORRUPTIONS` or its printed paper name)."""
+def canonical(name: str) -> str:
+    """The key in :data:`CORRUPTIONS` for ``name`` or its printed paper name (KeyError if unknown)."""
     key = {v.lower(): k for k, v in PAPER_NAMES.items()}.get(str(name).lower(), str(name))
     if key not in FUNCTIONS:
         raise KeyError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)} "
                        f"(or the paper's names: {', '.join(PAPER_NAMES.values())})")
-    return FUNCTIONS[key](images, severity=severity, seed=seed)
+    return key
 
 
-__all__ = ["CORRUPTIONS", "FUNCTIONS", "PAPER_NAMES", "contrast", "corrupt", "gaussian_noise", "impulse_noise",
-           "jpeg", "jpeg_roundtrip", "motion_blur", "motion_kernel", "pixelate", "spatter", "spatter_mask"]
+def corrupt(images: np.ndarray, name: str, severity: int = 3, seed: int = 0, start: int = 0) -> np.ndarray:
+    """Apply the corruption ``name`` (one of :data:`CORRUPTIONS` or its printed paper name); ``start``
+    is the index of the first image in the whole set (the seeds follow it)."""
+    return FUNCTIONS[canonical(name)](images, severity=severity, seed=seed, start=start)
+
+
+__all__ = ["CORRUPTIONS", "FUNCTIONS", "PAPER_NAMES", "canonical", "contrast", "corrupt", "gaussian_noise",
+           "impulse_noise", "jpeg", "jpeg_roundtrip", "motion_blur", "motion_kernel", "pixelate", "spatter", "spatter_mask"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -60,3 +62,36 @@ class Suite:
     def unlabeled(self, task: str) -> torch.Tensor:
         """The test images of ``task`` without labels (what test-time adaptation may use)."""
         return self.test[task].images
+
+    def fingerprint(self) -> str:
+        """What :func:`mergebook.results.cached_result` keys this suite on (the profile if none set)."""
+        return str(self.meta.get("fingerprint", self.profile))
+
+    def derived(self, **changes) -> "Suite":
+        """A copy whose ``meta["fingerprint"]`` also records ``changes`` (JSON-able), for variants
+        of this suite (a task subset, corrupted test images) that must not share its cache entries."""
+        blob = json.dumps({"base": self.fingerprint(), **changes}, sort_keys=True, default=str)
+        meta = dict(self.meta)
+        meta["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        meta.setdefault("derived_from", self.fingerprint())
+        return replace(self, meta=meta)
+
+    def subset(self, tasks) -> "Suite":
+        """The same suite restricted to ``tasks`` (in that order): their fine-tuned weights, heads,
+        test/val splits, class names and the per-task entries of ``meta``; a distinct cache key.
+
+        Merging methods take ``suite.tasks`` and ``suite.finetuned_list()``, so a subset merges only
+        those tasks' vectors and adapts on only their unlabelled test images.
+        """
+        tasks = list(tasks)
+        missing = [t for t in tasks if t not in self.tasks]
+        if missing or not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"subset: tasks must be distinct tasks of this suite {self.tasks}, got {tasks}")
+        keep = set(self.tasks)
+        meta = {k: ({t: v[t] for t in tasks if t in v} if isinstance(v, dict) and v and set(v) == keep else v)
+                for k, v in self.meta.items()}
+        sub = replace(self, tasks=tasks, finetuned={t: self.finetuned[t] for t in tasks},
+                      heads={t: self.heads[t] for t in tasks}, test={t: self.test[t] for t in tasks},
+                      val={t: self.val[t] for t in tasks if t in self.val},
+                      class_names={t: self.class_names[t] for t in tasks if t in self.class_names}, meta=meta)
+        return sub if tasks == self.tasks else sub.derived(tasks=tasks)
