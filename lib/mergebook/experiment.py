@@ -1119,6 +1119,15 @@ def split_table(frame: pd.DataFrame, groups: Mapping[str, Sequence[str]],
     return out
 
 
+def reported_pair(rows: Mapping[str, Mapping[str, float] | None], a: str, b: str,
+                  key: str = "avg (unseen tasks)") -> list[float] | str:
+    """``[rows[a][key], rows[b][key]]`` for a verdict's reported column, or ``"not reported"``."""
+    ra, rb = rows.get(a), rows.get(b)
+    if not ra or not rb or key not in ra or key not in rb:
+        return "not reported"
+    return [float(ra[key]), float(rb[key])]
+
+
 def reported_split(rows: Mapping[str, Mapping[str, float] | None], tasks: Sequence[str],
                    groups: Sequence[str] = ("seen", "unseen")) -> dict[str, dict[str, float] | None]:
     """A paper's printed rows (paper task names, ``"avg (seen tasks)"``...) under our task names and
@@ -1150,6 +1159,6 @@ __all__ = [
     "concrete_run", "entropy_loss_bins", "entropy_loss_spearman", "forward_order", "history_frame",
     "mask_frame", "paper_task_names", "reported_by_task", "results_tables", "short_block", "step_table",
     "tensor_kind", "GENERALIZATION_METHODS", "GENERALIZATION_SPLITS", "ROBUSTNESS_METHODS", "ROBUSTNESS_TASKS",
-    "generalization_rows", "generalization_split", "group_interval", "reported_split", "robustness_rows",
+    "generalization_rows", "generalization_split", "reported_pair", "group_interval", "reported_split", "robustness_rows",
     "split_frame", "split_table", "tasks_for_paper",
 ]
