@@ -49,8 +49,7 @@
 # batches of 16 test images per task; the `tiny` parameters below run fewer steps with one batch
 # per task (FusionBench's loop) to fit a CPU budget. The paper profiles restore the original
 # settings (`notebooks/params/vit-b-32.yaml`). The generalisation (Table 3) and robustness (Table 4,
-# Fig. 6) experiments are not rebuilt yet: their library (`experiment.generalization_rows`,
-# `experiment.robustness_rows`, `mergebook.data.corruptions`) exists, their chapter does not.
+# Fig. 6) experiments have their own chapter, [Generalisation and robustness](09_generalisation_robustness).
 # ```
 
 # %% tags=["parameters"]

@@ -53,8 +53,7 @@
 # run far fewer to fit a CPU budget (the paper profiles restore them). Task-wise Concrete
 # AdaMerging, new in this chapter, runs the same short schedule as the layer-wise one. The
 # reported numbers evaluate with a random *soft* mask sample, and so does this chapter by default.
-# Not rebuilt yet: the generalisation experiment (Table 3); its library (`experiment.generalization_rows`)
-# exists, its chapter does not.
+# The generalisation experiment (Table 3) is rebuilt in [Generalisation and robustness](09_generalisation_robustness).
 # ```
 
 # %% tags=["parameters"]

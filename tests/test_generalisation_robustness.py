@@ -238,11 +238,46 @@ def test_table4_and_table7_lookups_equal_the_csv():
 def test_split_table_puts_the_reported_row_under_its_method_and_reported_pair():
     frame = pd.DataFrame({"a": [50.0], "b": [70.0], "all avg": [60.0], "all lo": [55.0], "all hi": [65.0]},
                          index=pd.Index(["Task Arithmetic"], name="method"))
-    t = ex.split_table(frame, {"all": ["a", "b"]}, {"Task Arithmetic": {"a": 1.0, "b": 2.0, "all avg": 1.5}})
+    rep = {"Task Arithmetic": {"a": 1.0, "b": 2.0, "all avg": 1.5}}
+    t = ex.split_table(frame, {"all": ["a", "b"]}, rep)
     assert list(t.index) == ["Task Arithmetic", "Task Arithmetic · reported"]
-    assert list(t.columns) == ["a", "b", "all avg [95% CI]"]
-    assert t.loc["Task Arithmetic", "all avg [95% CI]"] == "60.0 [55.0, 65.0]"
-    assert t.loc["Task Arithmetic · reported", "all avg [95% CI]"] == "1.5"
+    assert list(t.columns) == ["a", "b", "all avg"]
+    assert t.loc["Task Arithmetic", "all avg"] == "60.0" and t.loc["Task Arithmetic · reported", "all avg"] == "1.5"
+    summ = ex.split_summary(frame, ["all"], rep)
+    assert summ.loc["Task Arithmetic"].tolist() == ["60.0 [55.0, 65.0]", "1.5", "+58.5"]
+    assert list(summ.columns) == ["all avg [95% CI]", "all reported", "all Δ"]
+    assert ex.split_summary(frame, ["all"]).loc["Task Arithmetic", "all Δ"] == "–"
     rows = {"A": {"avg (unseen tasks)": 70.0}, "B": {"avg (unseen tasks)": 61.4}, "C": None}
     assert ex.reported_pair(rows, "A", "B") == [70.0, 61.4]
     assert ex.reported_pair(rows, "A", "C") == "not reported"
+
+
+def test_paired_gain_is_the_difference_of_averages_with_a_paired_interval():
+    a = {"x": [1, 1, 1, 0], "y": [1, 0, 1, 1, 1, 0]}
+    b = {"x": [1, 0, 1, 0], "y": [1, 0, 0, 1, 1, 0]}
+    correct = {"A": ex.pack_by_task(a), "B": ex.pack_by_task(b)}
+    g = ex.paired_gain(correct, "A", "B", ["x", "y"], n_boot=500)
+    # hand: x 75 − 50 = 25 points, y 66.7 − 50 = 16.7 points; the average of the two
+    assert g.mean == pytest.approx((25.0 + 100 / 6) / 2)
+    assert g.lo <= g.mean <= g.hi and g.label == "A − B"
+    same = ex.paired_gain({"A": correct["A"], "C": correct["A"]}, "A", "C", ["x", "y"], n_boot=200)
+    assert (same.mean, same.lo, same.hi) == (0.0, 0.0, 0.0)  # identical predictions: no spread at all
+    assert ex.greater(g, 0.0).verdict in (ex.HOLDS, ex.PARTLY)
+    with pytest.raises(KeyError, match="no per-sample results for \\['D'\\]"):
+        ex.paired_gain(correct, "A", "D", ["x"])
+
+
+def test_reported_gain_and_lookups_without_a_table_at_this_scale():
+    rows = {"A": {"avg (seen tasks)": 81.7}, "B": {"avg (seen tasks)": 77.4}}
+    assert ex.reported_gain(rows, "A", "B", "avg (seen tasks)") == [4.3, 0.0]
+    assert ex.reported_gain(rows, "A", "B") == "not reported"
+    rule = ex.greater(ex.Interval(1.0, 0.5, 1.5, 0.95, "A − B"), 0.0)
+    assert ex.verdict("c", rule, ex.reported_gain(rows, "A", "B", "avg (seen tasks)")).reported_text() == "4.3 vs 0 (holds)"
+    l14 = ex.generalization_reported("vit-l-14", ["Task Arithmetic"], ("MNIST", "EuroSAT"))
+    assert l14 == {"adamerging": {}, "concrete_subspace": {}}
+    assert ex.robustness_reported("vit-l-14", ["Task Arithmetic"], "jpeg") == {}
+    b32 = ex.generalization_reported("tiny", ["Concrete TA"], ("MNIST", "EuroSAT"))
+    assert b32["adamerging"]["Concrete TA"] is None  # AdaMerging's table has no Concrete row
+    assert b32["concrete_subspace"]["Concrete TA"]["avg (unseen tasks)"] == pytest.approx(66.8)
+    with pytest.raises(KeyError, match="unknown corruption"):
+        ex.robustness_reported("tiny", ["Task Arithmetic"], "fog")

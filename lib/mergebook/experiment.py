@@ -365,6 +365,13 @@ def _rule_text(expr: str, *xs: Interval, sure: str = "intervals apart") -> str:
     return f"{expr} (holds: {lv} {sure}; partly: point estimates only)" if lv else expr
 
 
+def _apart(a: Interval, b: Interval, side: str) -> str:
+    """How intervals decide a comparison: both have one, or one side is a plain number."""
+    if a.is_point or b.is_point:
+        return f"interval {side} {_name(a if a.is_point else b)}"
+    return "intervals apart"
+
+
 def greater(a: Number, b: Number, margin: float = 0.0) -> Rule:
     """``a > b (+ margin)``: holds if a's interval lies wholly above b's, partly if only the means do."""
     a, b = _iv(a), _iv(b)
@@ -372,7 +379,8 @@ def greater(a: Number, b: Number, margin: float = 0.0) -> Rule:
     sure = a.lo > b.hi + margin
     point = a.mean > b.mean + margin
     expr = f"{_name(a)} > {_name(b)}{m}"
-    return Rule(_rule_text(expr, a, b), _decide(sure, point), f"{a.format()} vs {b.format()}",
+    return Rule(_rule_text(expr, a, b, sure=_apart(a, b, "above" if b.is_point else "below")),
+                _decide(sure, point), f"{a.format()} vs {b.format()}",
                 lambda v: v[0] > v[1] + margin, 2, expr, _level_text(a, b))
 
 
@@ -383,7 +391,8 @@ def less(a: Number, b: Number, margin: float = 0.0) -> Rule:
     sure = a.hi < b.lo - margin
     point = a.mean < b.mean - margin
     expr = f"{_name(a)} < {_name(b)}{m}"
-    return Rule(_rule_text(expr, a, b), _decide(sure, point), f"{a.format()} vs {b.format()}",
+    return Rule(_rule_text(expr, a, b, sure=_apart(a, b, "below" if b.is_point else "above")),
+                _decide(sure, point), f"{a.format()} vs {b.format()}",
                 lambda v: v[0] < v[1] - margin, 2, expr, _level_text(a, b))
 
 
@@ -1094,26 +1103,87 @@ def group_interval(frame: pd.DataFrame, method: str, group: str, label: str | No
                     frame.attrs.get("level", 0.95), f"{method} ({group})" if label is None else label)
 
 
-def split_table(frame: pd.DataFrame, groups: Mapping[str, Sequence[str]],
-                reported: Mapping[str, Mapping[str, float] | None] | None = None, digits: int = 1) -> pd.DataFrame:
-    """Display strings of a :func:`split_frame`: per-task columns, ``<group> avg [95% CI]`` per group,
-    and with ``reported`` (method → our task names and ``"<group> avg"`` → value) a
-    ``"<method> · reported"`` row under each reported method."""
+def paired_gain(correct: Mapping[str, Mapping[str, Any]], a: str, b: str, tasks: Sequence[str], *,
+                n_boot: int = 2000, level: float = 0.95, seed: int = 0, label: str | None = None) -> Interval:
+    """``a``'s average accuracy over ``tasks`` minus ``b``'s (points), with a paired bootstrap
+    interval (:func:`paired_difference_interval`): both were scored on the same test images, so a
+    verdict on the gain resamples images jointly. ``correct`` is ``{method: {task: packed}}``."""
+    missing = [m for m in (a, b) if m not in correct]
+    if missing:
+        raise KeyError(f"paired_gain: no per-sample results for {missing}; methods run: {list(correct)}")
+    return paired_difference_interval({t: unpack_correct(correct[a][t]) for t in tasks},
+                                      {t: unpack_correct(correct[b][t]) for t in tasks},
+                                      n_boot=n_boot, level=level, seed=seed,
+                                      label=f"{a} − {b}" if label is None else label)
+
+
+def generalization_reported(profile: Any, methods: Sequence[str], unseen: Sequence[str]
+                            ) -> dict[str, dict[str, dict[str, float] | None]]:
+    """``{paper: {method: printed row}}`` of both papers' generalisation tables for the ``unseen``
+    pair at the profile's scale; a paper without such a table maps to ``{}``."""
+    from . import reference as ref
+
+    out: dict[str, dict[str, dict[str, float] | None]] = {}
+    for paper in ("adamerging", "concrete_subspace"):
+        try:
+            out[paper] = ref.reported_generalization(paper, profile, methods, unseen)
+        except KeyError as exc:
+            if "prints no generalization table" not in str(exc):
+                raise
+            out[paper] = {}
+    return out
+
+
+def robustness_reported(profile: Any, methods: Sequence[str], corruption: str) -> dict[str, dict[str, float] | None]:
+    """AdaMerging's printed robustness row per method for ``corruption``; ``{}`` at a scale without
+    a robustness table (ViT-L/14)."""
+    from . import reference as ref
+
+    try:
+        return ref.reported_robustness(profile, methods, corruption)
+    except KeyError as exc:
+        if "prints no robustness table" not in str(exc):
+            raise
+        return {}
+
+
+def split_summary(frame: pd.DataFrame, groups: Sequence[str],
+                  reported: Mapping[str, Mapping[str, float] | None] | None = None, digits: int = 1) -> pd.DataFrame:
+    """The summary of a :func:`split_frame`, as strings: per group ``<group> avg [95% CI]``, the
+    reported ``<group> reported`` (``reported`` maps method → ``"<group> avg"`` → value, as
+    :func:`reported_split` returns) and ``<group> Δ`` (ours − reported). Narrow enough for a page;
+    the per-task numbers go to :func:`split_table`."""
     level = frame.attrs.get("level", 0.95)
-    cols: list[str] = []
-    for g, ts in groups.items():
-        cols += list(ts) + [f"{g} avg [{100 * level:g}% CI]"]
     rows = {}
     for method, r in frame.iterrows():
+        rep = (reported or {}).get(method) or {}
         rec = {}
-        for g, ts in groups.items():
-            rec.update({t: _fmt(r[t], digits) for t in ts})
+        for g in groups:
+            want = float(rep.get(f"{g} avg", np.nan))
             rec[f"{g} avg [{100 * level:g}% CI]"] = format_interval(r[f"{g} avg"], r[f"{g} lo"], r[f"{g} hi"], digits)
+            rec[f"{g} reported"] = _fmt(want, digits)
+            rec[f"{g} Δ"] = "–" if not np.isfinite(want) else f"{r[f'{g} avg'] - want:+.{digits}f}"
         rows[method] = rec
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = frame.index.name
+    return out
+
+
+def split_table(frame: pd.DataFrame, groups: Mapping[str, Sequence[str]],
+                reported: Mapping[str, Mapping[str, float] | None] | None = None, digits: int = 1) -> pd.DataFrame:
+    """Per-task display strings of a :func:`split_frame`: each group's tasks then its ``<group> avg``,
+    and with ``reported`` (method → our task names and ``"<group> avg"`` → value) a
+    ``"<method> · reported"`` row under each reported method (the intervals are in
+    :func:`split_summary`)."""
+    cols: list[str] = []
+    for g, ts in groups.items():
+        cols += list(ts) + [f"{g} avg"]
+    rows = {}
+    for method, r in frame.iterrows():
+        rows[method] = {c: _fmt(r[c], digits) for c in cols}
         rep = (reported or {}).get(method)
         if rep:
-            rows[f"{method} · reported"] = {c: _fmt(rep.get(c, rep.get(c.split(" [")[0], np.nan)), digits)
-                                            for c in cols}
+            rows[f"{method} · reported"] = {c: _fmt(rep.get(c, np.nan), digits) for c in cols}
     out = pd.DataFrame.from_dict(rows, orient="index")[cols]
     out.index.name = frame.index.name
     return out
@@ -1126,6 +1196,14 @@ def reported_pair(rows: Mapping[str, Mapping[str, float] | None], a: str, b: str
     if not ra or not rb or key not in ra or key not in rb:
         return "not reported"
     return [float(ra[key]), float(rb[key])]
+
+
+def reported_gain(rows: Mapping[str, Mapping[str, float] | None], a: str, b: str,
+                  key: str = "avg (unseen tasks)") -> list[float] | str:
+    """``[rows[a][key] − rows[b][key], 0]``: the paper's gain, for a verdict whose rule is
+    ``greater(paired_gain(...), 0)``; ``"not reported"`` when either row or value is absent."""
+    pair = reported_pair(rows, a, b, key)
+    return pair if isinstance(pair, str) else [round(pair[0] - pair[1], 2), 0.0]
 
 
 def reported_split(rows: Mapping[str, Mapping[str, float] | None], tasks: Sequence[str],
@@ -1160,5 +1238,6 @@ __all__ = [
     "mask_frame", "paper_task_names", "reported_by_task", "results_tables", "short_block", "step_table",
     "tensor_kind", "GENERALIZATION_METHODS", "GENERALIZATION_SPLITS", "ROBUSTNESS_METHODS", "ROBUSTNESS_TASKS",
     "generalization_rows", "generalization_split", "reported_pair", "group_interval", "reported_split", "robustness_rows",
-    "split_frame", "split_table", "tasks_for_paper",
+    "split_frame", "split_summary", "split_table", "tasks_for_paper", "paired_gain", "reported_gain", "generalization_reported",
+    "robustness_reported",
 ]
