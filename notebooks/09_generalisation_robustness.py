@@ -128,8 +128,9 @@ for i, (u, r) in enumerate(gen.items(), start=1):
     glue(f"split{i}", " + ".join(f"{t} ({p})" for t, p in zip(r["unseen"], u)), display=False)
     for m in frames[u].index:
         glue(f"g{i}_{gkey[short[m]]}_unseen", ex.group_interval(frames[u], m, "unseen").format(), display=False)
-printed = [f"{p} Table {t}" for p, t in ((p, ref.ARCH_TABLES[arch].get("generalization", {}).get(p))
-                                          for p in ("adamerging", "concrete_subspace")) if t]
+printed = [f"{title} Table {ref.ARCH_TABLES[arch]['generalization'][p]}"
+           for p, title in (("adamerging", "AdaMerging"), ("concrete_subspace", "Concrete"))
+           if p in ref.ARCH_TABLES[arch].get("generalization", {})]
 glue("gen_tables", ", ".join(printed) or "no table at this scale", display=False)
 
 # %% [markdown]
