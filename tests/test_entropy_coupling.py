@@ -114,3 +114,31 @@ def test_pilot_table_by_hand():
     assert list(t["LW AM 300 × 1"]) == ["44.0 (-1.0)", "52.0 (+7.0)"]
     assert list(t["below TA (300 × 1)"]) == ["1 of 2", "0 of 2"]  # 34 < 40; then 42 > 40 and 62 > 50
     assert list(t["housenum ∂H/∂λ sum"]) == ["-0.50", "+0.50"]
+
+
+def test_capacity_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import CAPACITY_COSINE, capacity_numbers, capacity_table
+
+    rows = []
+    for name, params, am, cos in [("128x6", 1_233_408, 44.0, None), ("128x12", 2_423_040, 47.5, 0.03)]:
+        base = {"backbone": name, "params": params, "label_smoothing": 0.1, "pretrain_steps": 10, "logit_scale": 15.0}
+        rows += [{**base, "method": "Pretrained", "housenum": 10.0, "signs": 20.0, "avg": 15.0},
+                 {**base, "method": "Individual", "housenum": 90.0, "signs": 90.0, "avg": 90.0},
+                 {**base, "method": "Task Arithmetic (λ 0.3)", "housenum": 40.0, "signs": 50.0, "avg": 45.0},
+                 {**base, "method": "dH/dλ column sum at TA", "housenum": 0.25, "signs": 0.0},
+                 {**base, "method": "Layer-wise AdaMerging", "steps": 300, "batches": 1, "lr": 1e-3,
+                  "housenum": am - 10, "signs": am + 10, "avg": am}]
+        if cos is not None:
+            rows.append({**base, "method": CAPACITY_COSINE, "housenum": cos, "signs": cos, "avg": cos})
+    frame = pd.DataFrame(rows)
+    t = capacity_table(frame)
+    assert list(t["parameters"]) == ["1.23M", "2.42M"]
+    assert list(t["mean cosine"]) == ["–", "0.030"]
+    assert list(t["LW AM 300 × 1"]) == ["44.0 (-1.0)", "47.5 (+2.5)"]
+    assert list(t["below TA (300 × 1)"]) == ["1 of 2", "1 of 2"]  # housenum 34 < 40, then 37.5 < 40; signs above
+    n = capacity_numbers(frame, {"pretrain_steps": 10, "seconds_per_backbone": {"128x12": 600.0},
+                                 "backbones_requested": ["deep", "wide"], "backbones_done": ["deep"]})
+    assert n["cap_gains"] == "-1.0, +2.5" and n["cap_best_gain"] == "+2.5"
+    assert n["cap_minutes"] == "128x12 10 min" and n["cap_missing"] == "wide"

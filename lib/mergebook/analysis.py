@@ -386,6 +386,54 @@ def pilot_table(pilot: "pd.DataFrame", focus: str = "housenum") -> "pd.DataFrame
     return pd.DataFrame(rows)
 
 
+CAPACITY_COSINE = "task-vector cosine, mean with the other tasks (avg: mean off-diagonal)"
+
+
+def capacity_table(capacity: "pd.DataFrame", focus: str = "housenum") -> "pd.DataFrame":
+    """The width/depth study (``benchmarks/miniature_capacity.py``) as one row per backbone:
+    parameters, learned logit scale, pretrained / individual / Task Arithmetic averages, the mean
+    task-vector cosine, the ``focus`` column sum of the coupling matrix, and layer-wise AdaMerging
+    with its gain over Task Arithmetic and the tasks it leaves below it."""
+    import pandas as pd
+
+    tasks = [c for c in capacity.columns if c not in ("backbone", "width", "layers", "heads", "params",
+                                                        "label_smoothing", "pretrain_steps", "logit_scale",
+                                                        "method", "steps", "batches", "lr", "avg")]
+    rows = []
+    for name, part in capacity.groupby("backbone", sort=False):
+        get = {m: part[part["method"] == m] for m in part["method"].unique()}
+        ta = get["Task Arithmetic (λ 0.3)"].iloc[0]
+        cos = get.get(CAPACITY_COSINE)
+        rec = {"backbone (width × blocks)": name, "parameters": f"{int(part['params'].iloc[0]) / 1e6:.2f}M",
+               "learned logit scale": f"{part['logit_scale'].iloc[0]:.1f}",
+               "pretrained": f"{get['Pretrained'].iloc[0]['avg']:.1f}",
+               "individual": f"{get['Individual'].iloc[0]['avg']:.1f}", "TA": f"{ta['avg']:.1f}",
+               "mean cosine": "–" if cos is None or cos.empty else f"{cos.iloc[0]['avg']:.3f}",
+               f"{focus} ∂H/∂λ sum": f"{get['dH/dλ column sum at TA'].iloc[0][focus]:+.2f}"}
+        for _, r in get["Layer-wise AdaMerging"].iterrows():
+            sched = f"{int(r['steps'])} × {int(r['batches'])}"
+            rec[f"LW AM {sched}"] = f"{r['avg']:.1f} ({r['avg'] - ta['avg']:+.1f})"
+            rec[f"below TA ({sched})"] = f"{int(sum(r[t] < ta[t] for t in tasks))} of {len(tasks)}"
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def capacity_numbers(capacity: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
+    """The values chapter 02 quotes from the width/depth study, for ``glue`` (``cap_*``): the
+    backbones run, their gains over Task Arithmetic, and the largest gain."""
+    gains, names = [], []
+    for name, part in capacity.groupby("backbone", sort=False):
+        ta = part[part["method"] == "Task Arithmetic (λ 0.3)"].iloc[0]["avg"]
+        am = part[part["method"] == "Layer-wise AdaMerging"]["avg"].max()
+        gains.append(am - ta)
+        names.append(str(name))
+    return {"cap_steps": f"{int(record['pretrain_steps'])}", "cap_backbones": ", ".join(names),
+            "cap_gains": ", ".join(f"{g:+.1f}" for g in gains), "cap_best_gain": f"{max(gains):+.1f}",
+            "cap_minutes": ", ".join(f"{k} {v / 60:.0f} min" for k, v in record.get("seconds_per_backbone", {}).items()),
+            "cap_missing": ", ".join(sorted(set(record.get("backbones_requested", [])) -
+                                            set(record.get("backbones_done", [])))) or "none"}
+
+
 def pilot_numbers(pilot: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
     """The values chapter 02 quotes from the backbone pilot, formatted for ``glue`` (``pl_*``)."""
     out = {"pl_steps": f"{int(record['pretrain_steps'])}", "pl_images": f"{int(record['n_images']):,}"}
