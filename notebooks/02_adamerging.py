@@ -594,8 +594,7 @@ for key, value in capacity_numbers(capacity, capacity_rec).items():
 # backbones of other sizes the same way ({glue:text}`cap_steps` steps, label smoothing 0.1; one
 # CPU thread: {glue:text}`cap_minutes`) and fine-tuned and merged each as the book does. For
 # {glue:text}`cap_backbones`, layer-wise AdaMerging's gain over Task Arithmetic is
-# {glue:text}`cap_gains` points: a deeper backbone does not widen it. Not run, for want of CPU
-# time (about four times the depth pilot's): {glue:text}`cap_missing`.
+# {glue:text}`cap_gains` points: {glue:text}`cap_effect`. {glue:text}`cap_missing`
 #
 # ```{glue:} tab_capacity
 # ```

@@ -418,20 +418,26 @@ def capacity_table(capacity: "pd.DataFrame", focus: str = "housenum") -> "pd.Dat
     return pd.DataFrame(rows)
 
 
-def capacity_numbers(capacity: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
+def capacity_numbers(capacity: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0) -> dict[str, str]:
     """The values chapter 02 quotes from the width/depth study, for ``glue`` (``cap_*``): the
-    backbones run, their gains over Task Arithmetic, and the largest gain."""
+    backbones run (the first is the baseline), their gains over Task Arithmetic, the largest, and
+    whether any larger backbone beats the baseline's gain by more than ``margin`` points."""
     gains, names = [], []
     for name, part in capacity.groupby("backbone", sort=False):
         ta = part[part["method"] == "Task Arithmetic (λ 0.3)"].iloc[0]["avg"]
         am = part[part["method"] == "Layer-wise AdaMerging"]["avg"].max()
         gains.append(am - ta)
         names.append(str(name))
+    missing = sorted(set(record.get("backbones_requested", [])) - set(record.get("backbones_done", [])))
+    wider = [f"{n} ({g:+.1f})" for n, g in zip(names[1:], gains[1:]) if g > gains[0] + margin]
     return {"cap_steps": f"{int(record['pretrain_steps'])}", "cap_backbones": ", ".join(names),
             "cap_gains": ", ".join(f"{g:+.1f}" for g in gains), "cap_best_gain": f"{max(gains):+.1f}",
             "cap_minutes": ", ".join(f"{k} {v / 60:.0f} min" for k, v in record.get("seconds_per_backbone", {}).items()),
-            "cap_missing": ", ".join(sorted(set(record.get("backbones_requested", [])) -
-                                            set(record.get("backbones_done", [])))) or "none"}
+            "cap_effect": (f"a larger backbone widens it by more than {margin:g} point over the {names[0]} one: "
+                           + ", ".join(wider)) if wider else
+                          f"no larger backbone widens it by more than {margin:g} point over the {names[0]} one",
+            "cap_missing": (f"Not run, for want of CPU time: {', '.join(missing)}." if missing
+                            else "Every backbone the script asks for ran.")}
 
 
 def pilot_numbers(pilot: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
