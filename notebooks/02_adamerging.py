@@ -594,7 +594,13 @@ for key, value in capacity_numbers(capacity, capacity_rec).items():
 # backbones of other sizes the same way ({glue:text}`cap_steps` steps, label smoothing 0.1; one
 # CPU thread: {glue:text}`cap_minutes`) and fine-tuned and merged each as the book does. For
 # {glue:text}`cap_backbones`, layer-wise AdaMerging's gain over Task Arithmetic is
-# {glue:text}`cap_gains` points: {glue:text}`cap_effect`. {glue:text}`cap_missing`
+# {glue:text}`cap_gains` points: {glue:text}`cap_effect` (one seed per backbone and no interval, so
+# a difference of about a point is within the noise). The largest gain, {glue:text}`cap_best_gain`,
+# is still far from the {glue:text}`gain_rep_lw` points reported on CLIP, on backbones far weaker
+# than the committed one. A larger committed backbone would multiply the book's CPU time (each
+# pilot took the minutes above on one thread, before any chapter ran), which the 30-minute budget of
+# a cold build does not allow.
+# {glue:text}`cap_missing`
 #
 # ```{glue:} tab_capacity
 # ```

@@ -142,6 +142,6 @@ def test_capacity_table_and_numbers_by_hand():
                                  "backbones_requested": ["deep", "wide"], "backbones_done": ["deep"]})
     assert n["cap_gains"] == "-1.0, +2.5" and n["cap_best_gain"] == "+2.5"
     assert n["cap_minutes"] == "128x12 10 min" and n["cap_missing"] == "Not run, for want of CPU time: wide."
-    assert n["cap_effect"].startswith("a larger backbone widens it") and n["cap_effect"].endswith("128x12 (+2.5)")
+    assert n["cap_effect"].startswith("a larger backbone widens it") and n["cap_effect"].endswith("128x12 (+3.5 points)")
     tight = capacity_numbers(frame, {"pretrain_steps": 10}, margin=5.0)
     assert tight["cap_effect"].startswith("no larger backbone") and tight["cap_missing"].startswith("Every")

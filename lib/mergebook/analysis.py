@@ -429,7 +429,7 @@ def capacity_numbers(capacity: "pd.DataFrame", record: Mapping[str, Any], margin
         gains.append(am - ta)
         names.append(str(name))
     missing = sorted(set(record.get("backbones_requested", [])) - set(record.get("backbones_done", [])))
-    wider = [f"{n} ({g:+.1f})" for n, g in zip(names[1:], gains[1:]) if g > gains[0] + margin]
+    wider = [f"{n} ({g - gains[0]:+.1f} points)" for n, g in zip(names[1:], gains[1:]) if g > gains[0] + margin]
     return {"cap_steps": f"{int(record['pretrain_steps'])}", "cap_backbones": ", ".join(names),
             "cap_gains": ", ".join(f"{g:+.1f}" for g in gains), "cap_best_gain": f"{max(gains):+.1f}",
             "cap_minutes": ", ".join(f"{k} {v / 60:.0f} min" for k, v in record.get("seconds_per_backbone", {}).items()),
