@@ -329,3 +329,66 @@ def test_large_image_sets_stay_on_the_host_and_batches_are_the_same():
     for _ in range(5):
         for a, b in zip(staged.step(2), host.step(2)):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# The labelled diagnostic (chapter 02's headroom study)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_supervised_coefficients_first_step_is_adams_sign_step_on_the_cross_entropy():
+    """Adam's first update is −lr·g/(|g| + ε) (bias-corrected m̂ = g, v̂ = g²); g is recomputed here
+    by a merge written out by hand."""
+    from mergebook.adaptation import _mix, supervised_coefficients
+
+    suite = toy_suite(num_tasks=2, n=24)
+    pre, fts = suite.pretrained, [suite.finetuned[t] for t in suite.tasks]
+    vectors = task_vectors_local(pre, fts)
+    space = MergeSpace(pre, vectors)
+    lr, bs = 1e-2, 6
+    lam = supervised_coefficients(suite, space, "test", granularity="layer", steps=1, lr=lr, batch_size=bs)
+    # The same draws as the contract says: one generator per task seeded _mix(seed, k), randint with replacement.
+    idx = [torch.randint(24, (bs,), generator=torch.Generator().manual_seed(_mix(0, k))) for k in range(2)]
+    coef = torch.full((len(space.keys), 2), 0.3, requires_grad=True)
+    params = dict(pre)
+    for l, key in enumerate(space.keys):
+        params[key] = pre[key] + sum(coef[l, k] * vectors[k][key] for k in range(2))
+    loss = 0.0
+    for k, t in enumerate(suite.tasks):
+        feats = torch.func.functional_call(suite.model, params, (suite.test[t].images[idx[k]],))
+        loss = loss + torch.nn.functional.cross_entropy(head_logits(feats, suite.heads[t]), suite.test[t].labels[idx[k]])
+    loss.backward()
+    g = coef.grad
+    assert (g.abs() > 1e-6).sum() > 0
+    expected = (0.3 - lr * g / (g.abs() + 1e-8)).clamp(0, 1)
+    torch.testing.assert_close(lam, expected, atol=2e-7, rtol=0)
+
+
+def test_supervised_coefficients_lower_the_labelled_loss_and_check_their_input():
+    from mergebook.adaptation import supervised_coefficients
+
+    suite = toy_suite(num_tasks=2, n=32, delta=0.2)
+    pre, fts = suite.pretrained, [suite.finetuned[t] for t in suite.tasks]
+    space = MergeSpace(pre, task_vectors_local(pre, fts))
+
+    def ce(coefs):
+        params = space.merge(coefs)
+        total = 0.0
+        for t in suite.tasks:
+            feats = torch.func.functional_call(suite.model, dict(params), (suite.test[t].images,))
+            total += float(torch.nn.functional.cross_entropy(head_logits(feats, suite.heads[t]), suite.test[t].labels))
+        return total
+
+    start = torch.full((2,), 0.3)
+    lam = supervised_coefficients(suite, space, "test", granularity="task", steps=40, lr=5e-2, batch_size=32)
+    assert lam.shape == (2,) and bool(((lam >= 0) & (lam <= 1)).all())
+    assert ce(lam) < ce(start)
+    # the same seed gives the same λ
+    again = supervised_coefficients(suite, space, "test", granularity="task", steps=40, lr=5e-2, batch_size=32)
+    assert torch.equal(lam, again)
+    with pytest.raises(ValueError, match="no labelled 'val' images"):
+        supervised_coefficients(suite, space, "val")
+    with pytest.raises(ValueError, match="split must be"):
+        supervised_coefficients(suite, space, "train")
+    with pytest.raises(ValueError, match="lr > 0"):
+        supervised_coefficients(suite, space, "test", lr=0.0)

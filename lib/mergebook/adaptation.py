@@ -61,6 +61,7 @@ __all__ = [
     "home_weights",
     "init_coefficients",
     "resolve_device",
+    "supervised_coefficients",
 ]
 
 
@@ -737,6 +738,57 @@ def adapt_coefficients(
         accuracy=dict(history.accuracy[-1]) if history.accuracy else {},
         seconds=time.perf_counter() - t0, _weights=home_weights(suite, adapter.state_dict()),
     )
+
+
+def supervised_coefficients(
+    suite: Suite,
+    space: MergeSpace,
+    split: Literal["val", "test"] = "val",
+    *,
+    granularity: Granularity = "layer",
+    steps: int = 300,
+    lr: float = 1e-2,
+    batch_size: int = 16,
+    init: float = 0.3,
+    clamp: bool = True,
+    seed: int = 0,
+    log_every: int = 0,
+) -> torch.Tensor:
+    """λ learned with *labels*: Adam on Σ_k CE(head_k(f_θ(λ)(x)), y) over batches of ``split``.
+
+    A diagnostic, not a merging method: it separates what entropy minimisation fails to find
+    from what the coefficient space cannot express. With ``split="val"`` it is the best λ a
+    label-free objective could hope for (up to val/test sampling); with ``split="test"`` it is
+    a transductive ceiling of the space. Everything else is AdaMerging's loop (λ from ``init``,
+    clamped to [0, 1] in the forward, one batch of ``batch_size`` labelled images per task per
+    step, drawn with replacement from a seeded generator per task). Returns λ (clamped, detached).
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    data = [getattr(suite, split).get(t) for t in suite.tasks]
+    missing = [t for t, d in zip(suite.tasks, data) if d is None or len(d) == 0]
+    if missing:
+        raise ValueError(f"suite has no labelled {split!r} images for {missing}; use the other split")
+    if steps < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    dev = space.device
+    heads = [suite.heads[t].to(dev) for t in suite.tasks]
+    gens = [torch.Generator().manual_seed(_mix(seed, k)) for k in range(len(data))]
+    raw = init_coefficients(space, granularity, init)
+    opt = torch.optim.Adam([raw], lr=lr)
+    for step in range(1, steps + 1):
+        idx = [torch.randint(len(d), (batch_size,), generator=g) for d, g in zip(data, gens)]
+        x = torch.cat([d.images[i.to(d.images.device)] for d, i in zip(data, idx)]).to(dev)
+        params = space.merge(clamp_coefficients(raw, clamp))
+        feats = functional_call(suite.model, dict(params), (x,)).split(batch_size)
+        loss = sum(torch.nn.functional.cross_entropy(head_logits(f, h), d.labels[i.to(d.labels.device)].to(dev))
+                   for f, h, d, i in zip(feats, heads, data, idx))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and step % log_every == 0:
+            print(f"supervised λ ({split}, {granularity}-wise) step {step}/{steps}: CE {loss.item():.3f}", flush=True)
+    return clamp_coefficients(raw.detach(), clamp)
 
 
 def home_weights(suite: Suite, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
