@@ -145,3 +145,64 @@ def test_capacity_table_and_numbers_by_hand():
     assert n["cap_effect"].startswith("a larger backbone widens it") and n["cap_effect"].endswith("128x12 (+3.5 points)")
     tight = capacity_numbers(frame, {"pretrain_steps": 10}, margin=5.0)
     assert tight["cap_effect"].startswith("no larger backbone") and tight["cap_missing"].startswith("Every")
+
+
+def test_headroom_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import headroom_numbers, headroom_table
+
+    def row(method, objective, granularity, lr, housenum, signs):
+        return {"method": method, "objective": objective, "granularity": granularity, "steps": 300 if lr else None,
+                "lr": lr, "housenum": housenum, "signs": signs, "avg": (housenum + signs) / 2}
+
+    frame = pd.DataFrame([
+        row("Individual", "-", "-", None, 90.0, 90.0),
+        row("Task Arithmetic (λ 0.3)", "-", "-", None, 40.0, 60.0),   # avg 50, gap 40
+        row("Task-wise AdaMerging", "entropy", "task", 1e-3, 30.0, 62.0),  # 46: -4, 1 below
+        row("Task-wise oracle λ", "ce test", "task", 1e-2, 44.0, 60.0),    # 52: +2
+        row("Layer-wise AdaMerging", "entropy", "layer", 1e-3, 36.0, 70.0),  # 53: +3
+        row("Layer-wise supervised λ", "ce val", "layer", 1e-3, 42.0, 62.0),  # 52: +2
+        row("Layer-wise supervised λ", "ce val", "layer", 1e-2, 44.0, 64.0),  # 54: +4 (the best lr counts)
+        row("Layer-wise oracle λ", "ce test", "layer", 1e-2, 50.0, 70.0),     # 60: +10, closes 25%
+    ])
+    t = headroom_table(frame)
+    assert list(t["avg (Δ TA)"])[:3] == ["90.0 (+40.0)", "50.0 (+0.0)", "46.0 (-4.0)"]
+    assert list(t["TA → individual gap closed"])[-1] == "25%"
+    assert list(t["below TA"]) == ["–", "–", "1 of 2", "0 of 2", "1 of 2", "0 of 2", "0 of 2", "0 of 2"]
+    assert list(t["lr"])[2:4] == ["0.001", "0.01"]
+    # reported: gain 11 over a gap of 22 (50%)
+    n = headroom_numbers(frame, {"steps": 300}, reported_gain=11.0, reported_gap=22.0)
+    assert (n["hr_tw_am"], n["hr_tw_oracle"], n["hr_lw_am"], n["hr_lw_sup"], n["hr_lw_oracle"]) == \
+        ("-4.0", "+2.0", "+3.0", "+4.0", "+10.0")
+    assert (n["hr_gap_oracle"], n["hr_gap_am"], n["hr_gap_rep"], n["hr_am_share"]) == ("25%", "8%", "50%", "30%")
+    assert "compresses the effect" in n["hr_effect"] and "+10.0" in n["hr_effect"]
+    roomy = headroom_numbers(frame, {"steps": 300}, reported_gain=9.0, reported_gap=22.0)
+    assert "the room is there" in roomy["hr_effect"]
+
+
+def test_regime_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import regime_numbers, regime_table
+
+    rows = []
+    for lr, book, norm, ta, am, orc in [(3e-4, True, 0.05, 50.0, 51.0, 55.0), (1e-4, False, 0.02, 60.0, 63.5, 70.0)]:
+        base = {"ft_lr": lr, "book": book}
+        rows += [{**base, "method": "relative task-vector norm", "avg": norm},
+                 {**base, "method": "task-vector cosine, mean off-diagonal", "avg": 0.03},
+                 {**base, "method": "Individual", "avg": 90.0},
+                 {**base, "method": "Task Arithmetic (λ 0.3)", "avg": ta},
+                 {**base, "method": "Layer-wise AdaMerging", "avg": am},
+                 {**base, "method": "Layer-wise oracle λ", "avg": orc}]
+    frame = pd.DataFrame(rows)
+    t = regime_table(frame)
+    assert list(t["fine-tune lr"]) == ["0.0003 (book)", "0.0001"]
+    assert list(t["LW AM (Δ TA)"]) == ["51.0 (+1.0)", "63.5 (+3.5)"]
+    assert list(t["LW oracle λ: gap closed"]) == ["12%", "33%"]  # 5/40, 10/30
+    n = regime_numbers(frame, {"ft_steps": 400})
+    assert n["rg_am_gains"] == "+1.0, +3.5" and n["rg_oracle_gains"] == "+5.0, +10.0"
+    assert n["rg_effect"].endswith("lr 0.0001 (+2.5 points)")
+    assert regime_numbers(frame, {"ft_steps": 400}, margin=3.0)["rg_effect"].startswith("no other regime")
+    with pytest.raises(ValueError, match="book"):
+        regime_numbers(frame.assign(book=False), {"ft_steps": 400})
