@@ -55,7 +55,12 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="10-step runs, to smoke-test the script")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--append-oracle", type=int, metavar="STEPS", default=0,
+                   help="only run the layer-wise oracle (lr 1e-2) for STEPS steps and append its row to the "
+                        "recorded study (does the 300-step ceiling still rise?)")
     args = p.parse_args(argv)
+    if args.append_oracle:
+        return append_oracle(args)
     torch.manual_seed(args.seed)
     steps = 10 if args.quick else 300
     t_start = time.time()
@@ -95,6 +100,26 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t_start, 1)}
     atomic_write(args.out / "miniature_headroom.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     print(f"wrote {args.out / 'miniature_headroom.csv'} ({len(frame)} rows) in {record['seconds']:.0f} s")
+
+
+def append_oracle(args) -> None:
+    """One longer layer-wise oracle run, appended to the recorded CSV (its record notes the command)."""
+    t0 = time.time()
+    frame = pd.read_csv(args.out / "miniature_headroom.csv")
+    record = json.loads((args.out / "miniature_headroom.json").read_text())
+    suite = tiny.load_suite(tiny.TinyConfig(), progress=True)
+    space = adamerging_space(suite, False, device="cpu")
+    merged = supervised(suite, space, "test", "layer", args.append_oracle, 1e-2, args.seed)
+    acc = evaluate(suite, merged)
+    row = {"method": "Layer-wise oracle λ", "objective": "cross-entropy, test labels (oracle)", "granularity": "layer",
+           "steps": args.append_oracle, "lr": 1e-2, "seconds": round(time.time() - t0, 1), **acc}
+    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+    atomic_write(args.out / "miniature_headroom.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    record.setdefault("appended", []).append(
+        f"OMP_NUM_THREADS=1 python benchmarks/miniature_headroom.py --append-oracle {args.append_oracle}"
+        f" ({time.strftime('%Y-%m-%d')}, {row['seconds']:.0f} s)")
+    atomic_write(args.out / "miniature_headroom.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    print(f"layer-wise oracle {args.append_oracle} steps: avg {acc['avg']:.1f}; appended to {args.out}")
 
 
 if __name__ == "__main__":

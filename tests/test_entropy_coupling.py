@@ -170,7 +170,7 @@ def test_headroom_table_and_numbers_by_hand():
     assert list(t["avg (Δ TA)"])[:3] == ["90.0 (+40.0)", "50.0 (+0.0)", "46.0 (-4.0)"]
     assert list(t["TA → individual gap closed"])[-1] == "25%"
     assert list(t["below TA"]) == ["–", "–", "1 of 2", "0 of 2", "1 of 2", "0 of 2", "0 of 2", "0 of 2"]
-    assert list(t["lr"])[2:4] == ["0.001", "0.01"]
+    assert list(t["steps × lr"])[2:4] == ["300 × 0.001", "300 × 0.01"]
     # reported: gain 11 over a gap of 22 (50%)
     n = headroom_numbers(frame, {"steps": 300}, reported_gain=11.0, reported_gap=22.0)
     assert (n["hr_tw_am"], n["hr_tw_oracle"], n["hr_lw_am"], n["hr_lw_sup"], n["hr_lw_oracle"]) == \

@@ -461,7 +461,7 @@ def headroom_table(headroom: "pd.DataFrame", focus: Sequence[str] = ("housenum",
     for _, r in headroom.iterrows():
         learned = not pd.isna(r["lr"])
         rec = {"run": r["method"], "λ learned from": r["objective"] if learned else "–",
-               "lr": f"{r['lr']:g}" if learned else "–",
+               "steps × lr": f"{int(r['steps'])} × {r['lr']:g}" if learned else "–",
                "avg (Δ TA)": f"{r['avg']:.1f} ({r['avg'] - ta['avg']:+.1f})",
                "TA → individual gap closed": f"{100 * (r['avg'] - ta['avg']) / gap:.0f}%"}
         rec.update({t: f"{r[t]:.1f}" for t in focus})
@@ -487,7 +487,8 @@ def headroom_numbers(headroom: "pd.DataFrame", record: Mapping[str, Any], report
         part = headroom[(headroom["granularity"] == granularity) & headroom["method"].str.contains(prefix)]
         return float(part["avg"].max()) - ta["avg"]
 
-    out = {"hr_steps": f"{int(record['steps'])}", "hr_ta": f"{ta['avg']:.1f}", "hr_ind": f"{ind['avg']:.1f}"}
+    out = {"hr_steps": f"{int(record['steps'])}", "hr_date": str(record.get("date", "undated")),
+           "hr_long_steps": f"{int(headroom['steps'].max())}", "hr_ta": f"{ta['avg']:.1f}", "hr_ind": f"{ind['avg']:.1f}"}
     gains = {}
     for g, short in (("task", "tw"), ("layer", "lw")):
         for prefix, name in (("AdaMerging", "am"), ("supervised", "sup"), ("oracle", "oracle")):
@@ -551,7 +552,7 @@ def regime_numbers(regime: "pd.DataFrame", record: Mapping[str, Any], margin: fl
               if i != book and am[i] > am[book] + margin]
     return {"rg_lrs": ", ".join(f"{v:g}" for v in lrs), "rg_norms": ", ".join(f"{v:.3f}" for v in norms),
             "rg_am_gains": ", ".join(f"{v:+.1f}" for v in am), "rg_oracle_gains": ", ".join(f"{v:+.1f}" for v in orc),
-            "rg_book_lr": f"{lrs[book]:g}", "rg_ft_steps": f"{int(record['ft_steps'])}",
+            "rg_book_lr": f"{lrs[book]:g}", "rg_date": str(record.get("date", "undated")), "rg_ft_steps": f"{int(record['ft_steps'])}",
             "rg_minutes": ", ".join(f"lr {k} {v / 60:.0f} min" for k, v in record.get("seconds_per_regime", {}).items()),
             "rg_effect": ("another regime widens the gain by more than "
                           f"{margin:g} point: " + ", ".join(better)) if better else
