@@ -523,10 +523,12 @@ glue("n_claims", f"{len(verdicts)}", display=False)
 #
 # The task vectors are already nearly orthogonal: their mean pairwise cosine is
 # {glue:text}`st_cos`, the range the task-arithmetic papers report for CLIP. So a crowded
-# parameter space is not the first suspect; the logit scale is. The two pilots below test both,
+# parameter space was not the first suspect; the logit scale was. The two pilots below test both,
 # on short pretraining runs (the committed backbone's took {glue:text}`st_pretrain_min` minutes on
-# one CPU thread). The book keeps the published objective and the committed backbone, and reports
-# the two tasks' losses as the miniature's known departure.
+# one CPU thread). Low cosines do not by themselves say how much room the merge coefficients
+# have; the headroom study further down measures that directly. The book keeps the published
+# objective and the committed backbone, and reports the two tasks' losses as the miniature's known
+# departure.
 
 # %% tags=["hide-input", "remove-output"]
 study, study_rec = recorded_study("miniature_entropy")
@@ -649,13 +651,17 @@ for key, value in regime_numbers(regime, regime_rec).items():
 # "Gap closed" is the gain over Task Arithmetic as a share of the individual − TA gap; "below TA"
 # counts tasks. One seed, no intervals. {download}`CSV <adamerging_miniature_headroom.csv>`
 #
-# **A gentler fine-tune?** CLIP's task vectors come from long fine-tunes at lr 1e-5 and stay small
-# beside the pretrained weights; the miniature's come from {glue:text}`rg_ft_steps` steps at lr
-# {glue:text}`rg_book_lr`. The regime study (`benchmarks/miniature_regime.py`,
+# **Another fine-tuning regime?** The task vectors' size is set by the fine-tune: CLIP's come
+# from fine-tunes at lr 1e-5 on the full datasets, the miniature's from {glue:text}`rg_ft_steps`
+# steps at lr {glue:text}`rg_book_lr`. The regime study (`benchmarks/miniature_regime.py`,
 # {glue:text}`rg_date`; {glue:text}`rg_minutes` on one thread) re-fine-tunes the eight tasks at lr
-# {glue:text}`rg_lrs`. The relative task-vector norms are {glue:text}`rg_norms`, layer-wise
-# AdaMerging gains {glue:text}`rg_am_gains` points over each regime's Task Arithmetic and the
-# oracle {glue:text}`rg_oracle_gains`: {glue:text}`rg_effect` (one seed, no intervals).
+# {glue:text}`rg_lrs` and merges each set as the book does. The relative task-vector norms are
+# {glue:text}`rg_norms`, layer-wise AdaMerging gains {glue:text}`rg_am_gains` points over each
+# regime's Task Arithmetic and the oracle {glue:text}`rg_oracle_gains`: {glue:text}`rg_effect`
+# (one seed, no intervals). Larger task vectors interfere more, so Task Arithmetic at a fixed λ
+# loses more and the coefficients have more to repair; a miniature with CLIP-like gains may need
+# hotter fine-tunes rather than a gentler one, which changes every chapter's numbers and is left
+# to a later round.
 #
 # ```{glue:} tab_regime
 # ```

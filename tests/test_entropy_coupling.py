@@ -202,7 +202,11 @@ def test_regime_table_and_numbers_by_hand():
     assert list(t["LW oracle λ: gap closed"]) == ["12%", "33%"]  # 5/40, 10/30
     n = regime_numbers(frame, {"ft_steps": 400})
     assert n["rg_am_gains"] == "+1.0, +3.5" and n["rg_oracle_gains"] == "+5.0, +10.0"
-    assert n["rg_effect"].endswith("lr 0.0001 (+2.5 points)")
+    assert n["rg_effect"].endswith("lr 0.0001 (+2.5 points; its Task Arithmetic is +10.0 and its layer-wise "
+                                   "AdaMerging +12.5 points against the book's, so the merge itself is better)")
+    worse = frame.assign(avg=frame["avg"].where(~((frame["ft_lr"] == 1e-4) & frame["method"].isin(
+        ["Task Arithmetic (λ 0.3)", "Layer-wise AdaMerging"])), frame["avg"] - 20.0))  # TA 40, AM 43.5
+    assert regime_numbers(worse, {"ft_steps": 400})["rg_effect"].endswith("so the merge itself is not better)")
     assert regime_numbers(frame, {"ft_steps": 400}, margin=3.0)["rg_effect"].startswith("no other regime")
     with pytest.raises(ValueError, match="book"):
         regime_numbers(frame.assign(book=False), {"ft_steps": 400})

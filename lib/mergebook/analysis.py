@@ -536,20 +536,25 @@ def regime_numbers(regime: "pd.DataFrame", record: Mapping[str, Any], margin: fl
     """The values chapter 02 quotes from the regime study, for ``glue`` (``rg_*``): the learning
     rates, their relative norms and gains, and whether any other regime's layer-wise AdaMerging
     gain beats the book's by more than ``margin`` points (``rg_effect``, computed)."""
-    lrs, norms, am, orc, book = [], [], [], [], None
+    lrs, norms, am, orc, tas, ams, book = [], [], [], [], [], [], None
     for lr, part in regime.groupby("ft_lr", sort=False):
         get = {m: part[part["method"] == m].iloc[0]["avg"] for m in part["method"].unique()}
         ta = get["Task Arithmetic (λ 0.3)"]
         lrs.append(float(lr))
         norms.append(get["relative task-vector norm"])
+        tas.append(ta)
+        ams.append(get["Layer-wise AdaMerging"])
         am.append(get["Layer-wise AdaMerging"] - ta)
         orc.append(get["Layer-wise oracle λ"] - ta)
         if bool(part["book"].iloc[0]):
             book = len(lrs) - 1
     if book is None:
         raise ValueError("the regime study has no row of the book's fine-tuning learning rate (book=True)")
-    better = [f"lr {lrs[i]:g} ({am[i] - am[book]:+.1f} points)" for i in range(len(lrs))
-              if i != book and am[i] > am[book] + margin]
+    # A wider gain can come from a weaker Task Arithmetic rather than a stronger merge: say which.
+    better = [f"lr {lrs[i]:g} ({am[i] - am[book]:+.1f} points; its Task Arithmetic is "
+              f"{tas[i] - tas[book]:+.1f} and its layer-wise AdaMerging {ams[i] - ams[book]:+.1f} points "
+              f"against the book's, so the merge itself is {'better' if ams[i] > ams[book] else 'not better'})"
+              for i in range(len(lrs)) if i != book and am[i] > am[book] + margin]
     return {"rg_lrs": ", ".join(f"{v:g}" for v in lrs), "rg_norms": ", ".join(f"{v:.3f}" for v in norms),
             "rg_am_gains": ", ".join(f"{v:+.1f}" for v in am), "rg_oracle_gains": ", ".join(f"{v:+.1f}" for v in orc),
             "rg_book_lr": f"{lrs[book]:g}", "rg_date": str(record.get("date", "undated")), "rg_ft_steps": f"{int(record['ft_steps'])}",
