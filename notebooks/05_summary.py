@@ -159,13 +159,16 @@ glue("tab_tau", tau.round(2), display=False)
 tau_c = tau.iloc[-1]
 glue("tau_consensus", "–" if not np.isfinite(tau_c["Kendall τ"]) else f"{tau_c['Kendall τ']:.2f}", display=False)
 glue("tau_n", f"{int(tau_c['methods compared'])}", display=False)
+glue("spread_consensus", "–" if not np.isfinite(tau_c["spread"]) else f"{tau_c['spread']:.2f}", display=False)
 
 # %% [markdown]
 # ```{glue:} tab_tau
 # ```
 #
 # Kendall's τ of our ranking against each paper's over the methods both have (1: the same
-# order; 0: unrelated; −1: reversed; – where fewer than two methods are shared).
+# order; 0: unrelated; −1: reversed; – where fewer than two methods are shared), and the spread:
+# the standard deviation of our averages over those methods divided by the paper's (1: the methods
+# lie as far apart as in the paper; below 1: this profile compresses their differences).
 #
 # ## Which conclusions the miniature supports
 
@@ -199,12 +202,14 @@ glue("n_decided", f"{len(claims)}", display=False)
 # Of the {glue:text}`n_decided` comparisons that this profile's runs can decide, these hold by
 # their intervals: {glue:text}`claims_held`. By point estimates only: {glue:text}`claims_partly`.
 # Not at this scale: {glue:text}`claims_failed`. Our ranking of the merging methods agrees with the
-# papers' consensus with Kendall's τ = {glue:text}`tau_consensus` over {glue:text}`tau_n` methods.
+# papers' consensus with Kendall's τ = {glue:text}`tau_consensus` over {glue:text}`tau_n` methods,
+# and the methods lie {glue:text}`spread_consensus` times as far apart as in the papers.
 # Not decided here, because a method was not run or not found: {glue:text}`claims_skipped`.
 #
 # What the miniature cannot speak to: the absolute accuracies (its encoder has 1.2M parameters and
-# 32-pixel tasks), the ViT-L/14 and ViT-B/16 tables, the robustness and generalisation tables, and
-# the papers' exact adaptation budgets (the `tiny` runs take far fewer steps; the paper profiles in
+# 32-pixel tasks), the ViT-L/14 and ViT-B/16 tables, the size of the gains (compressed, as the
+# spread above says; [chapter 02](02_adamerging) studies why), and the papers' exact adaptation
+# budgets (the `tiny` runs take far fewer steps; the paper profiles in
 # `notebooks/params/` restore them on a GPU).
 
 # %% tags=["remove-cell"]

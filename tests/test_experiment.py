@@ -395,3 +395,20 @@ def test_entropy_and_loss_per_sample():
     np.testing.assert_allclose(el["a"]["loss"], F.cross_entropy(logits, s.test["a"].labels, reduction="none"),
                                rtol=1e-5)
     assert (el["b"]["entropy"] >= 0).all() and (el["b"]["entropy"] <= np.log(3) + 1e-6).all()
+
+
+def test_predict_batches_do_not_change_logits():
+    import torch
+
+    from mergebook.evaluate import EVAL_BATCH, eval_batch_size, predict
+
+    s = micro_suite()
+    x = s.test["a"].images
+    whole = predict(s.model, s.pretrained, s.heads["a"], x, batch_size=len(x))
+    for bs in (1, 7, None):
+        part = predict(s.model, s.pretrained, s.heads["a"], x, batch_size=bs)
+        assert part.shape == whole.shape
+        torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-6)
+    assert eval_batch_size(torch.zeros(1)) == EVAL_BATCH["cpu"]
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(s.model, s.pretrained, s.heads["a"], x, batch_size=0)

@@ -114,3 +114,8 @@ def test_rank_agreement_by_hand():
     assert tau.loc["p", "Kendall τ"] == pytest.approx(1.0)
     assert tau.loc["q", "Kendall τ"] == pytest.approx(-1.0) and tau.loc["q", "methods compared"] == 2
     assert list(S.consensus(rep)) == [10.0, 20.0, 30.0]
+    # spread: sd(1, 2, 3) / sd(10, 20, 30) = 1 / 10; q shares A and B: sd(1, 2) / sd(30, 20) = 0.1
+    assert tau.loc["p", "spread"] == pytest.approx(0.1)
+    assert tau.loc["q", "spread"] == pytest.approx(0.1)
+    one = S.rank_agreement({"A": 1.0}, rep)
+    assert np.isnan(one.loc["p", "spread"]) and np.isnan(one.loc["p", "Kendall τ"])

@@ -337,7 +337,13 @@ def display_frame(grand: pd.DataFrame, reported: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_agreement(ours: Mapping[str, float], reported: pd.DataFrame) -> pd.DataFrame:
-    """Kendall's τ between our averages and each reported column (and the consensus), over shared methods."""
+    """Kendall's τ between our averages and each reported column (and the consensus), over shared methods.
+
+    ``spread`` is the standard deviation of our averages over the shared methods divided by that of
+    the reported ones: 1 when the methods lie as far apart here as in the paper, below 1 when this
+    profile compresses their differences (gains over any common baseline scale the same way). NaN
+    with fewer than two shared methods or no reported spread.
+    """
     from .reference import kendall_tau
 
     cols = {c: reported[c] for c in reported.columns}
@@ -345,7 +351,13 @@ def rank_agreement(ours: Mapping[str, float], reported: pd.DataFrame) -> pd.Data
     rows = []
     for c, s in cols.items():
         rep = {m: float(v) for m, v in s.items() if np.isfinite(v) and m in ours}
-        rows.append({"reported by": c, "methods compared": len(rep), "Kendall τ": kendall_tau(dict(ours), rep)})
+        spread = float("nan")
+        if len(rep) >= 2:
+            sd_rep = float(np.std(list(rep.values()), ddof=1))
+            if sd_rep > 0:
+                spread = float(np.std([float(ours[m]) for m in rep], ddof=1)) / sd_rep
+        rows.append({"reported by": c, "methods compared": len(rep), "Kendall τ": kendall_tau(dict(ours), rep),
+                     "spread": spread})
     return pd.DataFrame(rows).set_index("reported by")
 
 
