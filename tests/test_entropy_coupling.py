@@ -210,3 +210,40 @@ def test_regime_table_and_numbers_by_hand():
     assert regime_numbers(frame, {"ft_steps": 400}, margin=3.0)["rg_effect"].startswith("no other regime")
     with pytest.raises(ValueError, match="book"):
         regime_numbers(frame.assign(book=False), {"ft_steps": 400})
+
+
+def test_design_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import design_numbers, design_table
+
+    def rows(variant, changed, zero, ind, ta, am, orc):
+        out = []
+        for method, (hn, sg) in (("Pretrained", zero), ("Individual", ind), ("Task Arithmetic (λ 0.3)", ta),
+                                 ("Layer-wise AdaMerging", am), ("Layer-wise oracle λ", orc)):
+            out.append({"variant": variant, "changed": changed, "method": method, "housenum": hn, "signs": sg,
+                        "avg": (hn + sg) / 2, "seconds": 1.0})
+        return out
+
+    frame = pd.DataFrame(
+        rows("book", "none", (20, 40), (90, 90), (50, 70), (30, 80), (60, 80))          # TA 60, AM 55 (-5), orc +10
+        + rows("housenum plain", "housenum", (40, 40), (90, 90), (70, 60), (72, 66), (80, 70)))  # TA 65, AM 69 (+4)
+    t = design_table(frame)
+    assert list(t["variant"]) == ["book", "housenum plain"]
+    assert list(t["housenum: TA → LW AM"]) == ["50.0 → 30.0", "70.0 → 72.0"]
+    assert list(t["LW AM (Δ TA)"]) == ["55.0 (-5.0)", "69.0 (+4.0)"]
+    assert list(t["LW oracle λ: gap closed"]) == ["33%", "40%"]  # 10/30, 10/25
+    assert list(t["LW AM below TA"]) == ["1 of 2", "0 of 2"]
+    n = design_numbers(frame, {"steps": 300, "seconds_per_variant": {"book": 60.0, "housenum plain": 120.0}})
+    assert n["ds_variants"] == "book -5.0; housenum plain +4.0" and n["ds_minutes"] == "3 min"
+    assert n["ds_below"] == "book: housenum; housenum plain: none"
+    assert n["ds_collapse"].endswith("only in: housenum plain")
+    assert n["ds_effect"] == "the gain is wider by more than 1 point in: housenum plain (+4.0)"
+    assert n["ds_baseline"] == "book" and n["ds_base_gain"] == "-5.0"
+    assert design_numbers(frame, {"steps": 300}, margin=10.0)["ds_effect"].startswith("no variant widens")
+    flipped = design_numbers(frame, {"steps": 300}, baseline="housenum plain")
+    assert flipped["ds_base_gain"] == "+4.0" and flipped["ds_effect"].startswith("no variant widens")
+    with pytest.raises(ValueError, match="no variant 'nope'"):
+        design_numbers(frame, {"steps": 300}, baseline="nope")
+    with pytest.raises(ValueError, match="no row for"):
+        design_table(frame[frame["method"] != "Layer-wise oracle λ"])

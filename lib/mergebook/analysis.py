@@ -564,6 +564,81 @@ def regime_numbers(regime: "pd.DataFrame", record: Mapping[str, Any], margin: fl
                          f"no other regime widens the gain by more than {margin:g} point over the book's"}
 
 
+DESIGN_METHODS = ("Pretrained", "Individual", "Task Arithmetic (λ 0.3)", "Layer-wise AdaMerging", "Layer-wise oracle λ")
+
+
+def _design_rows(design: "pd.DataFrame"):
+    tasks = [c for c in design.columns if c not in ("variant", "changed", "method", "avg", "seconds")]
+    out = {}
+    for variant, part in design.groupby("variant", sort=False):
+        got = {m: part[part["method"] == m] for m in DESIGN_METHODS}
+        missing = [m for m, rows in got.items() if rows.empty]
+        if missing:
+            raise ValueError(f"the design study's variant {variant!r} has no row for {missing}; rerun "
+                             "benchmarks/miniature_design.py for it")
+        out[variant] = {m: rows.iloc[0] for m, rows in got.items()}
+    return tasks, out
+
+
+def design_table(design: "pd.DataFrame", focus: Sequence[str] = ("housenum", "signs")) -> "pd.DataFrame":
+    """The task-design study (``benchmarks/miniature_design.py``) as one row per variant: what it
+    changed, the zero-shot, individual and Task Arithmetic (λ = 0.3) averages, the ``focus`` tasks
+    under TA → layer-wise AdaMerging, AdaMerging's and the oracle λ's gain over TA with the share
+    of the TA → individual gap each closes, and how many tasks AdaMerging leaves below TA."""
+    import pandas as pd
+
+    tasks, variants = _design_rows(design)
+    rows = []
+    for variant, get in variants.items():
+        ind, ta = get["Individual"]["avg"], get["Task Arithmetic (λ 0.3)"]
+        am, orc = get["Layer-wise AdaMerging"], get["Layer-wise oracle λ"]
+        rec = {"variant": variant, "re-fine-tuned": get["Individual"]["changed"],
+               "zero-shot": f"{get['Pretrained']['avg']:.1f}", "individual": f"{ind:.1f}", "TA": f"{ta['avg']:.1f}"}
+        rec.update({f"{t}: TA → LW AM": f"{ta[t]:.1f} → {am[t]:.1f}" for t in focus})
+        for short, r in (("LW AM", am), ("LW oracle λ", orc)):
+            rec[f"{short} (Δ TA)"] = f"{r['avg']:.1f} ({r['avg'] - ta['avg']:+.1f})"
+            rec[f"{short}: gap closed"] = f"{100 * (r['avg'] - ta['avg']) / (ind - ta['avg']):.0f}%"
+        rec["LW AM below TA"] = f"{int(sum(am[t] < ta[t] for t in tasks))} of {len(tasks)}"
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def design_numbers(design: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0,
+                   baseline: str | None = None) -> dict[str, str]:
+    """The values chapter 02 quotes from the task-design study, for ``glue`` (``ds_*``): each
+    variant's layer-wise AdaMerging gain and tasks below TA, and two computed conclusions:
+    ``ds_collapse`` names the variants where no task ends below Task Arithmetic, ``ds_effect``
+    those whose gain beats the ``baseline`` variant's (default: the first) by more than ``margin``
+    points."""
+    tasks, variants = _design_rows(design)
+    baseline = baseline or next(iter(variants))
+    if baseline not in variants:
+        raise ValueError(f"the design study has no variant {baseline!r} to compare against; it has "
+                         f"{list(variants)}")
+    gains, below, orc = {}, {}, {}
+    for variant, get in variants.items():
+        ta, am = get["Task Arithmetic (λ 0.3)"], get["Layer-wise AdaMerging"]
+        gains[variant] = am["avg"] - ta["avg"]
+        orc[variant] = get["Layer-wise oracle λ"]["avg"] - ta["avg"]
+        below[variant] = [t for t in tasks if am[t] < ta[t]]
+    others = [v for v in variants if v != baseline]
+    clean = [v for v in variants if not below[v]]
+    wider = [v for v in others if gains[v] > gains[baseline] + margin]
+    return {
+        "ds_date": str(record.get("date", "undated")), "ds_steps": f"{int(record['steps'])}",
+        "ds_variants": "; ".join(f"{v} {gains[v]:+.1f}" for v in variants),
+        "ds_oracle": "; ".join(f"{v} {orc[v]:+.1f}" for v in variants),
+        "ds_below": "; ".join(f"{v}: {', '.join(below[v]) or 'none'}" for v in variants),
+        "ds_minutes": f"{sum(record.get('seconds_per_variant', {}).values()) / 60:.0f} min",
+        "ds_collapse": ("no variant leaves every task at or above Task Arithmetic" if not clean else
+                        "every task ends at or above Task Arithmetic only in: " + ", ".join(clean)),
+        "ds_baseline": baseline, "ds_base_gain": f"{gains[baseline]:+.1f}",
+        "ds_effect": (f"no variant widens the gain by more than {margin:g} point" if not wider else
+                      f"the gain is wider by more than {margin:g} point in: "
+                      + ", ".join(f"{v} ({gains[v]:+.1f})" for v in wider)),
+    }
+
+
 def pilot_numbers(pilot: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str, str]:
     """The values chapter 02 quotes from the backbone pilot, formatted for ``glue`` (``pl_*``)."""
     out = {"pl_steps": f"{int(record['pretrain_steps'])}", "pl_images": f"{int(record['n_images']):,}"}
