@@ -592,7 +592,8 @@ def design_table(design: "pd.DataFrame", focus: Sequence[str] = ("housenum", "si
     for variant, get in variants.items():
         ind, ta = get["Individual"]["avg"], get["Task Arithmetic (λ 0.3)"]
         am, orc = get["Layer-wise AdaMerging"], get["Layer-wise oracle λ"]
-        rec = {"variant": variant, "re-fine-tuned": get["Individual"]["changed"],
+        changed = str(get["Individual"]["changed"])
+        rec = {"variant": variant, "re-fine-tuned": f"all {len(tasks)}" if len(changed.split()) == len(tasks) else changed,
                "zero-shot": f"{get['Pretrained']['avg']:.1f}", "individual": f"{ind:.1f}", "TA": f"{ta['avg']:.1f}"}
         rec.update({f"{t}: TA → LW AM": f"{ta[t]:.1f} → {am[t]:.1f}" for t in focus})
         for short, r in (("LW AM", am), ("LW oracle λ", orc)):
