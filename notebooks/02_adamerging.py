@@ -90,10 +90,7 @@ import torch
 from myst_nb import glue
 
 from mergebook import experiment as ex
-from mergebook.analysis import (design_numbers, design_table, entropy_coupling, entropy_study_numbers,
-                                entropy_study_table, mean_off_diagonal, pilot_numbers, pilot_table, recorded_study, task_vector_cosines,
-                                capacity_numbers, capacity_table, headroom_numbers, headroom_table,
-                                regime_numbers, regime_table)
+from mergebook.analysis import entropy_coupling, mean_off_diagonal, publish_study, task_vector_cosines
 from mergebook import plotting
 from mergebook.evaluate import entropy_and_loss
 from mergebook.methods import merge
@@ -504,7 +501,8 @@ glue("n_claims", f"{len(verdicts)}", display=False)
 # Task Arithmetic (λ = 0.3), layer-wise AdaMerging ({glue:text}`ds_steps` × 1) and the layer-wise
 # oracle λ learned from the test labels (a ceiling, never a method). Layer-wise AdaMerging gains
 # {glue:text}`ds_variants` points over each variant's Task Arithmetic; it leaves below TA
-# {glue:text}`ds_below`. Against the first design's {glue:text}`ds_base_gain`,
+# {glue:text}`ds_below`, so {glue:text}`ds_collapse`. The oracle λ gains
+# {glue:text}`ds_oracle`. Against the gain of {glue:text}`ds_baseline`, {glue:text}`ds_base_gain`,
 # {glue:text}`ds_effect`. Dropping the neighbours is the one change that removes housenum's
 # collapse while leaving the task hard (see its Task Arithmetic column), so **the book draws
 # housenum without neighbours since this study**, and every run in this chapter uses that design.
@@ -515,12 +513,7 @@ glue("n_claims", f"{len(verdicts)}", display=False)
 # neighbour, and entropy rewards a confident reading of either.
 
 # %% tags=["hide-input", "remove-output"]
-design, design_rec = recorded_study("miniature_design")
-design_view = design_table(design)
-glue("tab_design", design_view, display=False)
-design_view.to_csv("adamerging_miniature_design.csv", index=False)
-for key, value in design_numbers(design, design_rec).items():
-    glue(key, value, display=False)
+publish_study("miniature_design", glue, "tab_design", "adamerging_miniature_design.csv")
 
 # %% [markdown]
 # ```{glue:} tab_design
@@ -566,12 +559,7 @@ for key, value in design_numbers(design, design_rec).items():
 # objective and the committed backbone throughout; only housenum's design changed.
 
 # %% tags=["hide-input", "remove-output"]
-study, study_rec = recorded_study("miniature_entropy")
-st_view = entropy_study_table(study)
-glue("tab_study", st_view, display=False)
-st_view.to_csv("adamerging_miniature_entropy_study.csv", index=False)
-for key, value in entropy_study_numbers(study, study_rec).items():
-    glue(key, value, display=False)
+publish_study("miniature_entropy", glue, "tab_study", "adamerging_miniature_entropy_study.csv")
 glue("st_cos", f"{mean_off_diagonal(task_vector_cosines(pre, fts, tasks)):.3f}", display=False)
 lw_entropy = np.asarray(runs["Layer-wise AdaMerging"]["history"]["task_entropy"])
 focus = "housenum" if "housenum" in tasks else str(coupling_total.idxmax())  # the miniature's SVHN
@@ -606,31 +594,11 @@ glue("st_h_others_1", f"{lw_entropy[-10:, others].mean():.2f}", display=False)
 # {glue:text}`pl_effect`.
 
 # %% tags=["hide-input", "remove-output"]
-pilot, pilot_rec = recorded_study("miniature_pilot")
-pilot_view = pilot_table(pilot)
-glue("tab_pilot", pilot_view, display=False)
-pilot_view.to_csv("adamerging_miniature_pilot.csv", index=False)
-for key, value in pilot_numbers(pilot, pilot_rec).items():
-    glue(key, value, display=False)
-capacity, capacity_rec = recorded_study("miniature_capacity")
-capacity_view = capacity_table(capacity)
-glue("tab_capacity", capacity_view, display=False)
-capacity_view.to_csv("adamerging_miniature_capacity.csv", index=False)
-for key, value in capacity_numbers(capacity, capacity_rec).items():
-    glue(key, value, display=False)
-headroom, headroom_rec = recorded_study("miniature_headroom")
-headroom_view = headroom_table(headroom)
-glue("tab_headroom", headroom_view, display=False)
-headroom_view.to_csv("adamerging_miniature_headroom.csv", index=False)
-for key, value in headroom_numbers(headroom, headroom_rec, reported_gain=rep["Layer-wise AdaMerging"] - rep[ta_name],
-                                   reported_gap=rep["Individual"] - rep[ta_name]).items():
-    glue(key, value, display=False)
-regime, regime_rec = recorded_study("miniature_regime")
-regime_view = regime_table(regime)
-glue("tab_regime", regime_view, display=False)
-regime_view.to_csv("adamerging_miniature_regime.csv", index=False)
-for key, value in regime_numbers(regime, regime_rec).items():
-    glue(key, value, display=False)
+publish_study("miniature_pilot", glue, "tab_pilot", "adamerging_miniature_pilot.csv")
+publish_study("miniature_capacity", glue, "tab_capacity", "adamerging_miniature_capacity.csv")
+publish_study("miniature_headroom", glue, "tab_headroom", "adamerging_miniature_headroom.csv",
+              reported_gain=rep["Layer-wise AdaMerging"] - rep[ta_name], reported_gap=rep["Individual"] - rep[ta_name])
+publish_study("miniature_regime", glue, "tab_regime", "adamerging_miniature_regime.csv")
 
 # %% [markdown]
 # ```{glue:} tab_pilot

@@ -52,7 +52,8 @@ batches_per_step = 1
 lr = 1e-3
 concrete_ta_steps = 100
 meta_steps = 50
-tta_steps = 50
+tta_steps = 100
+mask_lr = 1e-2
 robust_steps = 100
 eval_mask = "soft"
 ta_lambda = 0.3
@@ -88,8 +89,8 @@ plotting.apply_style()
 suite = load_suite(profile, device=device)
 arch = ref.reference_arch(profile)
 common = dict(ta_lambda=ta_lambda, ties_k=ties_k, lr=lr, batch_size=batch_size, batches_per_step=batches_per_step,
-              concrete_ta_steps=concrete_ta_steps, meta_steps=meta_steps, tta_steps=tta_steps, eval_mask=eval_mask,
-              seed=seed, device=device)
+              concrete_ta_steps=concrete_ta_steps, meta_steps=meta_steps, tta_steps=tta_steps, mask_lr=mask_lr,
+              eval_mask=eval_mask, seed=seed, device=device)
 
 # %% [markdown]
 # ## Generalisation: merge six tasks, test on the two held out

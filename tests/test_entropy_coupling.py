@@ -237,6 +237,7 @@ def test_design_table_and_numbers_by_hand():
     n = design_numbers(frame, {"steps": 300, "seconds_per_variant": {"book": 60.0, "housenum plain": 120.0}})
     assert n["ds_variants"] == "book -5.0; housenum plain +4.0" and n["ds_minutes"] == "3 min"
     assert n["ds_below"] == "book: housenum; housenum plain: none"
+    assert n["ds_oracle"] == "book +10.0; housenum plain +10.0"  # 70 - 60, 75 - 65
     assert n["ds_collapse"].endswith("only in: housenum plain")
     assert n["ds_effect"] == "the gain is wider by more than 1 point in: housenum plain (+4.0)"
     assert n["ds_baseline"] == "book" and n["ds_base_gain"] == "-5.0"
@@ -247,3 +248,58 @@ def test_design_table_and_numbers_by_hand():
         design_numbers(frame, {"steps": 300}, baseline="nope")
     with pytest.raises(ValueError, match="no row for"):
         design_table(frame[frame["method"] != "Layer-wise oracle λ"])
+
+
+def test_publish_study_glues_the_view_and_its_numbers(tmp_path):
+    import pandas as pd
+
+    from mergebook.analysis import STUDY_VIEWS, design_numbers, design_table, publish_study, recorded_study
+
+    glued = {}
+
+    def glue(key, value, display=True):
+        assert display is False  # the chapter shows each table once, through its {glue:} directive
+        glued[key] = value
+
+    csv = tmp_path / "design.csv"
+    frame, record = publish_study("miniature_design", glue, "tab_design", csv)
+    raw, raw_rec = recorded_study("miniature_design")
+    pd.testing.assert_frame_equal(frame, raw)
+    assert record == raw_rec
+    view = design_table(raw)
+    pd.testing.assert_frame_equal(glued.pop("tab_design"), view)
+    pd.testing.assert_frame_equal(pd.read_csv(csv, dtype=str), view.astype(str))
+    assert glued == design_numbers(raw, raw_rec)
+    assert set(STUDY_VIEWS) >= {"miniature_design", "miniature_entropy", "miniature_headroom"}
+    with pytest.raises(KeyError, match="miniature_design"):
+        publish_study("miniature_desing", glue, "t", tmp_path / "x.csv")
+
+
+def test_concrete_budget_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import concrete_budget_numbers, concrete_budget_table
+
+    def row(method, ms, ts, lr, start, avg, logit):
+        return {"run": f"{method} {ms}+{ts} {lr:g}", "method": method, "mask_steps": ms, "tta_steps": ts,
+                "mask_lr": lr, "kept": 0.5, "mean_p": 0.5, "mean_abs_logit": logit, "max_abs_logit": 2 * logit,
+                "start_avg": start, "avg": avg}
+
+    ta, am = "Concrete TA", "Layer-wise Concrete AdaMerging"
+    frame = pd.DataFrame([row(ta, 200, 0, 1e-3, 70.0, 71.0, 0.05), row(ta, 200, 0, 1e-2, 70.0, 74.0, 0.5),
+                          row(am, 100, 100, 1e-3, 70.5, 72.0, 0.02), row(am, 100, 200, 1e-3, 70.5, 73.0, 0.02),
+                          row(am, 100, 200, 1e-2, 72.5, 73.5, 0.2)])
+    t = concrete_budget_table(frame)
+    assert list(t["Δ"]) == ["+1.0", "+4.0", "+1.5", "+2.5", "+1.0"]
+    assert list(t["adaptation steps"])[:2] == ["–", "–"] and list(t["mask lr"])[:2] == ["0.001", "0.01"]
+    n = concrete_budget_numbers(frame, {"date": "2026-12-04", "seconds": 600})
+    assert (n["cb_ta_lo"], n["cb_ta_hi"], n["cb_am_lo"], n["cb_am_hi"], n["cb_am_before"]) == \
+        ("71.0", "74.0", "73.0", "73.5", "72.0")
+    assert n["cb_am_hi_start"] == "72.5" and n["cb_ta_hi_logit"] == "0.500" and n["cb_minutes"] == "10 min"
+    # AM gains only +0.5 with the larger lr: not "more than 1 point on both"
+    assert n["cb_effect"].startswith("the larger mask lr does not gain") and "+3.0" in n["cb_effect"]
+    assert concrete_budget_numbers(frame, {}, margin=0.4)["cb_effect"].startswith("the larger mask lr gains more")
+    with pytest.raises(ValueError, match="100 mask steps, 100 adaptation steps"):
+        concrete_budget_numbers(frame.drop(index=2), {})
+    with pytest.raises(ValueError, match="no mask lr above"):
+        concrete_budget_numbers(frame[frame["mask_lr"] < 5e-3], {})

@@ -138,6 +138,24 @@ def test_adaptive_run_caches_correctness_and_remerges(tmp_path, monkeypatch):
     assert frame.loc["run", "avg"] == pytest.approx(a["accuracy"]["avg"])
 
 
+
+def test_concrete_run_passes_mask_lr_to_the_logits_and_keys_the_cache_on_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEBOOK_CACHE", str(tmp_path))
+    suite = toy_suite()
+    common = dict(steps=2, batch_size=4, eval_every=2, device="cpu", seed=0)
+    slow = ex.concrete_run(suite, "none", mask_lr=1e-3, **common)
+    fast = ex.concrete_run(suite, "none", mask_lr=1e-1, **common)
+    assert slow["config"]["lr"] == 1e-3 and fast["config"]["lr"] == 1e-1  # two cache entries, not one
+    assert ex.concrete_run(suite, "none", mask_lr=1e-1, **common) == fast
+    am = ex.concrete_run(suite, "layer", meta_steps=1, tta_steps=1, mask_lr=0.05, batch_size=4, eval_every=1,
+                         device="cpu", seed=0)
+    assert am["config"]["outer_lr"] == 0.05 and am["config"]["tta_lr"] == 1e-3  # adaptation keeps AdaMerging's lr
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mask_lr"):
+            ex.concrete_run(suite, "none", mask_lr=bad, **common)
+        with pytest.raises(ValueError, match="mask_lr"):
+            ex.generalization_rows(suite, ("MNIST", "EuroSAT"), methods=["Concrete TA"], mask_lr=bad, device="cpu")
+
 def test_mask_frame_weights_by_size_and_orders_blocks():
     suite = toy_suite()
     r = concrete_task_arithmetic(suite, steps=2, batch_size=4, eval_every=2, progress=False, device="cpu")

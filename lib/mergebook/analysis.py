@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -654,3 +655,93 @@ def pilot_numbers(pilot: "pd.DataFrame", record: Mapping[str, Any]) -> dict[str,
                     f"pl_gain_{i}": f"{gains[i]:+.1f}"})
     out["pl_effect"] = "helps" if gains[1] > gains[0] else "does not help"
     return out
+
+
+
+def _budget_row(budget: "pd.DataFrame", method: str, mask_steps: int, tta_steps: int, mask_lr: float) -> "pd.Series":
+    hit = budget[(budget["method"] == method) & (budget["mask_steps"] == mask_steps)
+                 & (budget["tta_steps"] == tta_steps) & np.isclose(budget["mask_lr"], mask_lr)]
+    if hit.empty:
+        raise ValueError(f"the Concrete budget study has no run of {method!r} with {mask_steps} mask steps, "
+                         f"{tta_steps} adaptation steps and mask lr {mask_lr:g}; rerun benchmarks/concrete_budget.py")
+    return hit.iloc[0]
+
+
+def concrete_budget_table(budget: "pd.DataFrame") -> "pd.DataFrame":
+    """The Concrete budget study (``benchmarks/concrete_budget.py``), one row per run: its mask and
+    adaptation steps and mask lr, how far the logits moved (mean |logit|, their start is 0), the share
+    kept (p > 0.5), the accuracy where the learned part starts (Concrete TA: step 0, plain TA;
+    Concrete AdaMerging: the frozen mask at λ = 0.3 before adaptation) and at the end."""
+    import pandas as pd
+
+    rows = []
+    for _, r in budget.iterrows():
+        rows.append({"run": r["run"], "mask steps": int(r["mask_steps"]),
+                     "adaptation steps": int(r["tta_steps"]) or "–", "mask lr": f"{r['mask_lr']:g}",
+                     "mean |logit|": f"{r['mean_abs_logit']:.3f}", "kept (%)": f"{100 * r['kept']:.1f}",
+                     "start": f"{r['start_avg']:.1f}", "final": f"{r['avg']:.1f}",
+                     "Δ": f"{r['avg'] - r['start_avg']:+.1f}"})
+    return pd.DataFrame(rows)
+
+
+def concrete_budget_numbers(budget: "pd.DataFrame", record: Mapping[str, Any], paper_lr: float = 1e-3,
+                            margin: float = 1.0) -> dict[str, str]:
+    """The values chapter 03 quotes from the Concrete budget study (``cb_*``): the mask's travel and
+    the final accuracy at the paper's mask lr and at the largest one in the study, for Concrete TA
+    (its 200-step run) and layer-wise Concrete AdaMerging (100 mask + 200 adaptation steps); the
+    former chapter setting (100 + 100 at the paper's lr); and ``cb_effect``, a computed conclusion:
+    whether the larger mask lr gains more than ``margin`` points on both methods."""
+    ta, am = "Concrete TA", "Layer-wise Concrete AdaMerging"
+    hi = float(budget["mask_lr"].max())
+    if np.isclose(hi, paper_lr):
+        raise ValueError("the Concrete budget study has no mask lr above the paper's; rerun benchmarks/concrete_budget.py")
+    rows = {"ta_lo": _budget_row(budget, ta, 200, 0, paper_lr), "ta_hi": _budget_row(budget, ta, 200, 0, hi),
+            "am_lo": _budget_row(budget, am, 100, 200, paper_lr), "am_hi": _budget_row(budget, am, 100, 200, hi),
+            "am_before": _budget_row(budget, am, 100, 100, paper_lr)}
+    out = {"cb_date": str(record.get("date", "undated")), "cb_minutes": f"{float(record.get('seconds', 0)) / 60:.0f} min",
+           "cb_paper_lr": f"{paper_lr:g}", "cb_hi_lr": f"{hi:g}"}
+    for key, r in rows.items():
+        out[f"cb_{key}"] = f"{r['avg']:.1f}"
+        out[f"cb_{key}_logit"] = f"{r['mean_abs_logit']:.3f}"
+        out[f"cb_{key}_start"] = f"{r['start_avg']:.1f}"
+    gains = {m: rows[f"{m}_hi"]["avg"] - rows[f"{m}_lo"]["avg"] for m in ("ta", "am")}
+    out["cb_effect"] = (f"the larger mask lr gains more than {margin:g} point on both "
+                        f"(Concrete TA {gains['ta']:+.1f}, Concrete AdaMerging {gains['am']:+.1f})"
+                        if min(gains.values()) > margin else
+                        f"the larger mask lr does not gain more than {margin:g} point on both "
+                        f"(Concrete TA {gains['ta']:+.1f}, Concrete AdaMerging {gains['am']:+.1f})")
+    return out
+
+
+# The recorded miniature studies the chapters show (02: the miniature's design; 03: the Concrete
+# budget): name -> (table view, quoted numbers).
+STUDY_VIEWS: dict[str, tuple[Callable[..., Any], Callable[..., dict[str, str]]]] = {
+    "miniature_design": (design_table, design_numbers),
+    "miniature_entropy": (entropy_study_table, entropy_study_numbers),
+    "miniature_pilot": (pilot_table, pilot_numbers),
+    "miniature_capacity": (capacity_table, capacity_numbers),
+    "miniature_headroom": (headroom_table, headroom_numbers),
+    "miniature_regime": (regime_table, regime_numbers),
+    "concrete_budget": (concrete_budget_table, concrete_budget_numbers),
+}
+
+
+def publish_study(name: str, glue: Callable[..., Any], table_key: str, csv: str | Path,
+                  **numbers_kw: Any) -> tuple["pd.DataFrame", dict]:
+    """Show one recorded study in a chapter: glue its table view as ``table_key``, write the view
+    to ``csv`` (the page's download) and glue every value its ``*_numbers`` function returns.
+
+    ``glue`` is the chapter's ``myst_nb.glue`` (passed in so the library does not import myst-nb);
+    ``numbers_kw`` go to the numbers function (e.g. the reported gains for the headroom study).
+    Returns the raw study frame and its record.
+    """
+    if name not in STUDY_VIEWS:
+        raise KeyError(f"publish_study: no view for study {name!r}; known: {', '.join(sorted(STUDY_VIEWS))}")
+    table_fn, numbers_fn = STUDY_VIEWS[name]
+    frame, record = recorded_study(name)
+    view = table_fn(frame)
+    glue(table_key, view, display=False)
+    view.to_csv(csv, index=False)
+    for key, value in numbers_fn(frame, record, **numbers_kw).items():
+        glue(key, value, display=False)
+    return frame, record

@@ -16,6 +16,7 @@ A chapter's cells call these instead of defining helpers:
 from __future__ import annotations
 
 import base64
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -698,22 +699,31 @@ def adamerging_run(suite: Any, granularity: str, plus_plus: bool = False, *, ste
 
 
 def concrete_run(suite: Any, granularity: str, *, steps: int = 0, meta_steps: int = 0, tta_steps: int = 0,
-                 batch_size: int = 16, seed: int = 0, eval_every: int = 25, eval_mask: str = "soft",
-                 device: str = "auto") -> dict[str, Any]:
+                 mask_lr: float = 1e-3, batch_size: int = 16, seed: int = 0, eval_every: int = 25,
+                 eval_mask: str = "soft", device: str = "auto") -> dict[str, Any]:
     """Concrete TA (``granularity="none"``, ``steps`` mask steps) or task-/layer-wise Concrete
     AdaMerging (``meta_steps`` then ``tta_steps``), cached with test correctness of the soft
-    sample it keeps and, under ``"remerged"``, of its hard mask (``"hard mask"``) at the same λ."""
+    sample it keeps and, under ``"remerged"``, of its hard mask (``"hard mask"``) at the same λ.
+
+    ``mask_lr`` is the Adam learning rate of the mask logits (Concrete TA's ``lr``, Concrete
+    AdaMerging's ``outer_lr``; the papers' 1e-3). Adam moves a logit by at most about ``lr`` per
+    step, so a run with ten times fewer mask steps needs ten times the rate for its mask to travel
+    as far as the paper's. The adaptation phase keeps AdaMerging's lr 1e-3. ``eval_every=0``
+    evaluates only the last step of each phase.
+    """
     from .methods.concrete import concrete_adamerging, concrete_task_arithmetic, remerge
 
+    if not (math.isfinite(mask_lr) and mask_lr > 0):
+        raise ValueError(f"concrete_run: mask_lr must be a positive finite learning rate, got {mask_lr!r}")
     common = dict(batch_size=batch_size, seed=seed, device=device, eval_every=eval_every, eval_mask=eval_mask)
     if granularity == "none":
-        params = {"kind": "concrete_ta", "steps": int(steps), **common}
-        run = lambda: concrete_task_arithmetic(suite, steps=steps, **common)  # noqa: E731
+        params = {"kind": "concrete_ta", "steps": int(steps), "mask_lr": float(mask_lr), **common}
+        run = lambda: concrete_task_arithmetic(suite, steps=steps, lr=mask_lr, **common)  # noqa: E731
     elif granularity in ("task", "layer"):
         params = {"kind": "concrete_am", "granularity": granularity, "meta": int(meta_steps),
-                  "tta": int(tta_steps), **common}
+                  "tta": int(tta_steps), "mask_lr": float(mask_lr), **common}
         run = lambda: concrete_adamerging(suite, granularity, meta_steps=meta_steps,  # noqa: E731
-                                          tta_steps=tta_steps, **common)
+                                          tta_steps=tta_steps, outer_lr=mask_lr, **common)
     else:
         raise ValueError(f"concrete_run: granularity must be 'none', 'task' or 'layer', got {granularity!r}")
     params.pop("device")
@@ -970,11 +980,11 @@ def _merge_on(adapt: Any, method: str, cfg: Mapping[str, Any]) -> Any:
         return adamerging(adapt, "layer", method.endswith("++"), steps=cfg["steps"], lr=cfg["lr"],
                           batches_per_step=cfg["batches_per_step"], ties_k=cfg["ties_k"], **common).state_dict()
     if method == "Concrete TA":
-        return concrete_task_arithmetic(adapt, steps=cfg["concrete_ta_steps"], eval_mask=cfg["eval_mask"],
-                                        **common).state_dict()
+        return concrete_task_arithmetic(adapt, steps=cfg["concrete_ta_steps"], lr=cfg["mask_lr"],
+                                        eval_mask=cfg["eval_mask"], **common).state_dict()
     if method == "Layer-wise Concrete AdaMerging":
         return concrete_adamerging(adapt, "layer", meta_steps=cfg["meta_steps"], tta_steps=cfg["tta_steps"],
-                                   eval_mask=cfg["eval_mask"], **common).state_dict()
+                                   outer_lr=cfg["mask_lr"], eval_mask=cfg["eval_mask"], **common).state_dict()
     raise KeyError(f"unknown method {method!r}; known: {list(GENERALIZATION_METHODS)}")
 
 
@@ -984,25 +994,28 @@ def _method_cfg(method: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     used = {"Task Arithmetic": ("ta_lambda",), "Ties-Merging": ("ta_lambda", "ties_k"),
             "Layer-wise AdaMerging": ("steps", "lr", "batch_size", "batches_per_step", "seed"),
             "Layer-wise AdaMerging++": ("steps", "lr", "batch_size", "batches_per_step", "seed", "ties_k"),
-            "Concrete TA": ("concrete_ta_steps", "batch_size", "seed", "eval_mask"),
-            "Layer-wise Concrete AdaMerging": ("meta_steps", "tta_steps", "batch_size", "seed", "eval_mask")}[method]
+            "Concrete TA": ("concrete_ta_steps", "mask_lr", "batch_size", "seed", "eval_mask"),
+            "Layer-wise Concrete AdaMerging": ("meta_steps", "tta_steps", "mask_lr", "batch_size", "seed",
+                                               "eval_mask")}[method]
     return {k: cfg[k] for k in used}
 
 
 def _merge_cfg(ta_lambda: float, ties_k: float, steps: int, lr: float, batch_size: int, batches_per_step: int,
-               concrete_ta_steps: int, meta_steps: int, tta_steps: int, eval_mask: str, seed: int,
-               device: str) -> dict[str, Any]:
+               concrete_ta_steps: int, meta_steps: int, tta_steps: int, mask_lr: float, eval_mask: str,
+               seed: int, device: str) -> dict[str, Any]:
+    if not (math.isfinite(mask_lr) and mask_lr > 0):
+        raise ValueError(f"mask_lr must be a positive finite learning rate, got {mask_lr!r}")
     return dict(ta_lambda=float(ta_lambda), ties_k=float(ties_k), steps=int(steps), lr=float(lr),
                 batch_size=int(batch_size), batches_per_step=int(batches_per_step),
                 concrete_ta_steps=int(concrete_ta_steps), meta_steps=int(meta_steps), tta_steps=int(tta_steps),
-                eval_mask=str(eval_mask), seed=int(seed), device=device)
+                mask_lr=float(mask_lr), eval_mask=str(eval_mask), seed=int(seed), device=device)
 
 
 def generalization_rows(suite: Any, unseen: Sequence[str], methods: Sequence[str] = GENERALIZATION_METHODS, *,
                         ta_lambda: float = 0.3, ties_k: float = 0.2, steps: int = 200, lr: float = 1e-3,
                         batch_size: int = 16, batches_per_step: int = 1, concrete_ta_steps: int = 200,
-                        meta_steps: int = 100, tta_steps: int = 100, eval_mask: str = "soft", seed: int = 0,
-                        device: str = "auto") -> dict[str, Any]:
+                        meta_steps: int = 100, tta_steps: int = 100, mask_lr: float = 1e-3,
+                        eval_mask: str = "soft", seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Merge the seen tasks' vectors (all but the paper's ``unseen`` pair) and score every task.
 
     Each method sees only ``suite.subset(seen)``: its fine-tuned weights and, for the adaptive ones
@@ -1014,11 +1027,11 @@ def generalization_rows(suite: Any, unseen: Sequence[str], methods: Sequence[str
     """
     from .results import cached_result
 
+    cfg = _merge_cfg(ta_lambda, ties_k, steps, lr, batch_size, batches_per_step, concrete_ta_steps, meta_steps,
+                     tta_steps, mask_lr, eval_mask, seed, device)
     seen, held = generalization_split(suite.tasks, unseen)
     sub = suite.subset(seen)
     everything = seen + held
-    cfg = _merge_cfg(ta_lambda, ties_k, steps, lr, batch_size, batches_per_step, concrete_ta_steps, meta_steps,
-                     tta_steps, eval_mask, seed, device)
     out: dict[str, Any] = {"seen": seen, "unseen": held, "correct": {}, "seconds": {}}
     for m in methods:
         def compute(m: str = m) -> dict[str, Any]:
@@ -1036,8 +1049,8 @@ def robustness_rows(suite: Any, tasks: Sequence[str], corruption: str,
                     methods: Sequence[str] = ROBUSTNESS_METHODS, *, severity: int = 3, corruption_seed: int = 0,
                     ta_lambda: float = 0.3, ties_k: float = 0.2, steps: int = 200, lr: float = 1e-3,
                     batch_size: int = 16, batches_per_step: int = 1, concrete_ta_steps: int = 200,
-                    meta_steps: int = 100, tta_steps: int = 100, eval_mask: str = "soft", seed: int = 0,
-                    device: str = "auto") -> dict[str, Any]:
+                    meta_steps: int = 100, tta_steps: int = 100, mask_lr: float = 1e-3,
+                    eval_mask: str = "soft", seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Merge ``tasks`` (our names) from models fine-tuned on clean data; adapt on and score the
     test images under ``corruption`` (``"clean"`` for none) at ``severity``.
 
@@ -1053,7 +1066,7 @@ def robustness_rows(suite: Any, tasks: Sequence[str], corruption: str,
     sub = suite.subset(tasks)
     key_suite = corrupted_key(sub, corruption, severity, corruption_seed)
     cfg = _merge_cfg(ta_lambda, ties_k, steps, lr, batch_size, batches_per_step, concrete_ta_steps, meta_steps,
-                     tta_steps, eval_mask, seed, device)
+                     tta_steps, mask_lr, eval_mask, seed, device)
     built: list[Any] = []
 
     def shifted() -> Any:

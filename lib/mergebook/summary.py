@@ -175,9 +175,10 @@ def chapter03(suite: Any, p: Mapping[str, Any]) -> ChapterRows:
     common = dict(batch_size=p["batch_size"], seed=p["seed"], eval_every=p["eval_every"], eval_mask=p["eval_mask"],
                   device=p["device"])
     with lookup_only():
-        runs = {"Concrete TA": ex.concrete_run(suite, "none", steps=p["concrete_ta_steps"], **common),
+        runs = {"Concrete TA": ex.concrete_run(suite, "none", steps=p["concrete_ta_steps"], mask_lr=p["mask_lr"],
+                                               **common),
                 "Concrete AdaMerging": ex.concrete_run(suite, "layer", meta_steps=p["meta_steps"],
-                                                       tta_steps=p["tta_steps"], **common)}
+                                                       tta_steps=p["tta_steps"], mask_lr=p["mask_lr"], **common)}
     if any(r is None for r in runs.values()):
         legacy = lookup_result(suite, "concrete", dict(
             ta=p["concrete_ta_steps"], meta=p["meta_steps"], tta=p["tta_steps"], ada=p["adamerging_steps"],
