@@ -458,7 +458,7 @@ claims = [
                ex.less(iv["Layer-wise AdaMerging"], iv[upper]), [rep["Layer-wise AdaMerging"], rep[upper]]),
 ]
 verdicts = ex.verdict_table(claims)
-verdicts.to_csv("adamerging_verdicts.csv", index=False)
+verdicts.to_csv("adamerging_verdicts.csv")
 glue("tab_verdicts", verdicts, display=False)
 for key in ["tw", "lw"]:
     glue(f"gain_{key}", f"{frame.loc[short[key], 'avg'] - frame.loc[ta_name, 'avg']:+.1f}", display=False)

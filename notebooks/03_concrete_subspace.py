@@ -412,7 +412,7 @@ claims = [
                [(paper14[avg13] - paper13[avg13]).min(), 0.0]),
 ]
 verdicts = ex.verdict_table(claims)
-verdicts.to_csv("concrete_verdicts.csv", index=False)
+verdicts.to_csv("concrete_verdicts.csv")
 glue("tab_verdicts", verdicts, display=False)
 glue("n_holds", f"{(verdicts['verdict'] == ex.HOLDS).sum()}", display=False)
 glue("n_claims", f"{len(verdicts)}", display=False)

@@ -586,7 +586,7 @@ if "Layer-wise AdaMerging" in iv:
                             X.greater(cart, iv["Layer-wise AdaMerging"].named("AdaMerging")),
                             [rep_avg["CART"], rep_avg["Layer-wise AdaMerging"]]))
 verdicts = X.verdict_table(claims)
-verdicts.to_csv("cart_verdicts.csv", index=False)
+verdicts.to_csv("cart_verdicts.csv")
 glue("tab_verdicts", verdicts, display=False)
 glue("n_hold", f"{int((verdicts['verdict'] == X.HOLDS).sum())}", display=False)
 glue("n_partly", f"{int((verdicts['verdict'] == X.PARTLY).sum())}", display=False)

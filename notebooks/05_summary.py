@@ -176,11 +176,11 @@ glue("spread_consensus", "–" if not np.isfinite(tau_c["spread"]) else f"{tau_c
 claims, skipped = S.summary_claims(grand, reported)
 verdicts = X.verdict_table(claims) if claims else None
 if verdicts is not None:
-    verdicts.to_csv("summary_verdicts.csv", index=False)
+    verdicts.to_csv("summary_verdicts.csv")
     glue("tab_verdicts", verdicts, display=False)
-    held = verdicts.loc[verdicts["verdict"] == X.HOLDS, "claim"].tolist()
-    partly = verdicts.loc[verdicts["verdict"] == X.PARTLY, "claim"].tolist()
-    failed = verdicts.loc[verdicts["verdict"] == X.FAILS, "claim"].tolist()
+    held = verdicts.index[verdicts["verdict"] == X.HOLDS].tolist()
+    partly = verdicts.index[verdicts["verdict"] == X.PARTLY].tolist()
+    failed = verdicts.index[verdicts["verdict"] == X.FAILS].tolist()
 else:
     glue("tab_verdicts", "No claim could be decided: run the chapters named above.", display=False)
     held, partly, failed = [], [], []

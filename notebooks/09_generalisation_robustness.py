@@ -292,7 +292,7 @@ claims += [ex.verdict(f"AdaMerging is more robust than Task Arithmetic: {label[c
 claims.append(ex.verdict("AdaMerging beats Task Arithmetic under every corruption", ex.all_of(*per_corruption[1:]),
                          "see the rows above"))
 verdicts = ex.verdict_table(claims)
-verdicts.to_csv("generalisation_robustness_verdicts.csv", index=False)
+verdicts.to_csv("generalisation_robustness_verdicts.csv")
 glue("tab_verdicts", verdicts, display=False)
 glue("n_holds", f"{(verdicts['verdict'] == ex.HOLDS).sum()}", display=False)
 glue("n_partly", f"{(verdicts['verdict'] == ex.PARTLY).sum()}", display=False)

@@ -390,5 +390,5 @@ def test_supervised_coefficients_lower_the_labelled_loss_and_check_their_input()
         supervised_coefficients(suite, space, "val")
     with pytest.raises(ValueError, match="split must be"):
         supervised_coefficients(suite, space, "train")
-    with pytest.raises(ValueError, match="lr > 0"):
+    with pytest.raises(ValueError, match="lr must be a positive finite learning rate"):
         supervised_coefficients(suite, space, "test", lr=0.0)

@@ -139,3 +139,36 @@ def test_concrete_adamerging_meta_learns_then_adapts():
     assert rare.history.entropy == res.history.entropy and rare.accuracy == res.accuracy
     tw = concrete_adamerging(suite, "task", seed=0, **kw)
     assert tw.coefficients.shape == (3,)
+
+
+def test_adaptive_methods_refuse_a_bad_schedule_before_touching_the_data():
+    """Adam takes a NaN, infinite or negative lr silently and returns NaN or diverging coefficients;
+    every adaptive method names the bad parameter instead."""
+    import math
+
+    import pytest
+
+    from mergebook.adaptation import check_schedule
+    from mergebook.methods.adamerging import adamerging
+
+    suite = toy_suite()
+    kw = dict(batch_size=4, progress=False, device="cpu")
+    for bad in (float("nan"), float("inf"), 0.0, -1e-3, True, "1e-3"):
+        with pytest.raises(ValueError, match="concrete_task_arithmetic: lr must be a positive finite"):
+            concrete_task_arithmetic(suite, steps=1, lr=bad, **kw)
+        for name in ("inner_lr", "outer_lr", "tta_lr"):
+            with pytest.raises(ValueError, match=f"concrete_adamerging: {name} must be a positive finite"):
+                concrete_adamerging(suite, meta_steps=1, tta_steps=1, **{name: bad}, **kw)
+        with pytest.raises(ValueError, match="lr must be a positive finite"):
+            adamerging(suite, "layer", steps=1, lr=bad, **kw)
+    with pytest.raises(ValueError, match="concrete_adamerging: meta_steps must be an integer >= 0, got -1"):
+        concrete_adamerging(suite, meta_steps=-1, tta_steps=1, **kw)
+    with pytest.raises(ValueError, match="tta_steps must be an integer >= 0, got 2.5"):
+        concrete_adamerging(suite, meta_steps=1, tta_steps=2.5, **kw)
+    with pytest.raises(ValueError, match="batches_per_step must be an integer >= 1, got 0"):
+        adamerging(suite, "task", steps=1, batches_per_step=0, **kw)
+    # numpy scalars (what a papermill sweep may pass) are accepted; zero steps is a valid (empty) run
+    import numpy as np
+
+    check_schedule("x", lrs={"lr": np.float32(1e-3)}, steps={"steps": np.int64(0)}, at_least_one={"b": np.int64(1)})
+    assert math.isfinite(concrete_task_arithmetic(suite, steps=0, lr=1e-3, eval_every=0, **kw).accuracy["avg"])

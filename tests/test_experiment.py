@@ -242,12 +242,17 @@ def test_verdict_table_and_reported_check():
               ex.verdict("Ties beats TA", ex.greater(CLOSE, TA), reported=[72.4, 69.1]),
               ex.verdict("TA collapses", ex.less(TA, 50), reported="not reported")]
     vt = ex.verdict_table(claims)
-    assert list(vt.columns) == ["claim", "rule", "ours", "reported", "verdict"]
+    assert vt.index.name == "claim" and list(vt.index) == ["TA beats WA", "Ties beats TA", "TA collapses"]
+    assert list(vt.columns) == ["rule", "ours", "reported", "verdict"]
     assert list(vt["verdict"]) == [ex.HOLDS, ex.FAILS, ex.FAILS]
-    assert vt.loc[0, "reported"] == "69.1 vs 65.8 (holds)"
-    assert vt.loc[1, "reported"] == "72.4 vs 69.1 (holds)"
-    assert vt.loc[2, "reported"] == "not reported"
-    assert vt.loc[0, "rule"] == ex.greater(TA, WA).text
+    assert vt.loc["TA beats WA", "reported"] == "69.1 vs 65.8 (holds)"
+    assert vt.loc["Ties beats TA", "reported"] == "72.4 vs 69.1 (holds)"
+    assert vt.loc["TA collapses", "reported"] == "not reported"
+    assert vt.loc["TA beats WA", "rule"] == ex.greater(TA, WA).text
+    # the CSV a reader downloads keeps the claim as its first column
+    assert vt.to_csv().splitlines()[0] == "claim,rule,ours,reported,verdict"
+    with pytest.raises(ValueError, match="distinct"):
+        ex.verdict_table(claims + claims[:1])
 
 
 def test_rules_refuse_non_numbers():

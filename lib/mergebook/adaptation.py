@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -211,6 +212,27 @@ class MergeSpace:
     def regroup(self, named: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Named tensors -> group-shaped tensors (copies), the inverse of :meth:`ungroup`."""
         return [torch.stack([named[k].reshape(-1) for k in g.keys]).to(g.base) for g in self.groups]
+
+
+
+def check_schedule(where: str, *, lrs: Mapping[str, float] | None = None, steps: Mapping[str, int] | None = None,
+                   at_least_one: Mapping[str, int] | None = None) -> None:
+    """Raise a ValueError naming ``where`` and the parameter when a learning rate is not a positive
+    finite number, a step count is not an integer >= 0, or a count in ``at_least_one`` is below 1.
+
+    Adam takes a NaN, infinite or negative lr without complaint and returns NaN or diverging
+    coefficients, so every adaptive method checks its schedule here before it touches the data.
+    """
+    for name, v in (lrs or {}).items():
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if not ok:
+            raise ValueError(f"{where}: {name} must be a positive finite learning rate, got {v!r}")
+    for name, v in (steps or {}).items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{where}: {name} must be an integer >= 0, got {v!r}")
+    for name, v in (at_least_one or {}).items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}: {name} must be an integer >= 1, got {v!r}")
 
 
 def clamp_coefficients(coefficients: torch.Tensor, clamp: bool = True) -> torch.Tensor:
@@ -713,6 +735,8 @@ def adapt_coefficients(
     config: Mapping[str, Any] | None = None,
 ) -> AdaptationResult:
     """Entropy-minimising Adam on task-/layer-wise λ over ``space`` (AdaMerging §3.2, Alg. in §3.2.2)."""
+    check_schedule(method, lrs={"lr": lr}, steps={"steps": steps},
+                   at_least_one={"batch_size": batch_size, "batches_per_step": batches_per_step})
     t0 = time.perf_counter()
     dev = space.device
     streams = streams or TaskStreams(
@@ -769,8 +793,8 @@ def supervised_coefficients(
     missing = [t for t, d in zip(suite.tasks, data) if d is None or len(d) == 0]
     if missing:
         raise ValueError(f"suite has no labelled {split!r} images for {missing}; use the other split")
-    if steps < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    check_schedule("supervised_coefficients", lrs={"lr": lr}, steps={"steps": steps},
+                   at_least_one={"batch_size": batch_size})
     dev = space.device
     heads = [suite.heads[t].to(dev) for t in suite.tasks]
     gens = [torch.Generator().manual_seed(_mix(seed, k)) for k in range(len(data))]

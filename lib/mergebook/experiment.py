@@ -16,7 +16,6 @@ A chapter's cells call these instead of defining helpers:
 from __future__ import annotations
 
 import base64
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -459,11 +458,18 @@ def verdict(claim: str, rule: Rule, reported: Sequence[float] | str | None = Non
 
 
 def verdict_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    """Columns claim, rule, ours, reported, verdict: one row per claim, in the given order."""
+    """One row per claim, in the given order, indexed by the claim's text (the row label a reader
+    sees, so the page shows no 0, 1, ... column): columns rule, ours, reported, verdict.
+    ``to_csv`` keeps the claim as the first column."""
     if not claims:
         raise ValueError("verdict_table: no claims given")
-    return pd.DataFrame([{"claim": c.claim, "rule": c.rule.text, "ours": c.rule.ours,
-                          "reported": c.reported_text(), "verdict": c.rule.verdict} for c in claims])
+    texts = [c.claim for c in claims]
+    dup = sorted({t for t in texts if texts.count(t) > 1})
+    if dup:
+        raise ValueError(f"verdict_table: claims must be distinct, {dup} appear more than once; reword one")
+    frame = pd.DataFrame([{"rule": c.rule.text, "ours": c.rule.ours, "reported": c.reported_text(),
+                           "verdict": c.rule.verdict} for c in claims], index=pd.Index(texts, name="claim"))
+    return frame
 
 
 # --------------------------------------------------------------------------------------------------
@@ -711,10 +717,10 @@ def concrete_run(suite: Any, granularity: str, *, steps: int = 0, meta_steps: in
     as far as the paper's. The adaptation phase keeps AdaMerging's lr 1e-3. ``eval_every=0``
     evaluates only the last step of each phase.
     """
+    from .adaptation import check_schedule
     from .methods.concrete import concrete_adamerging, concrete_task_arithmetic, remerge
 
-    if not (math.isfinite(mask_lr) and mask_lr > 0):
-        raise ValueError(f"concrete_run: mask_lr must be a positive finite learning rate, got {mask_lr!r}")
+    check_schedule("concrete_run", lrs={"mask_lr": mask_lr})  # before the cache is consulted
     common = dict(batch_size=batch_size, seed=seed, device=device, eval_every=eval_every, eval_mask=eval_mask)
     if granularity == "none":
         params = {"kind": "concrete_ta", "steps": int(steps), "mask_lr": float(mask_lr), **common}
@@ -1003,8 +1009,13 @@ def _method_cfg(method: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _merge_cfg(ta_lambda: float, ties_k: float, steps: int, lr: float, batch_size: int, batches_per_step: int,
                concrete_ta_steps: int, meta_steps: int, tta_steps: int, mask_lr: float, eval_mask: str,
                seed: int, device: str) -> dict[str, Any]:
-    if not (math.isfinite(mask_lr) and mask_lr > 0):
-        raise ValueError(f"mask_lr must be a positive finite learning rate, got {mask_lr!r}")
+    from .adaptation import check_schedule
+
+    # before any of the rows' runs starts, so a bad value fails at once and names the parameter
+    check_schedule("generalisation / robustness", lrs={"lr": lr, "mask_lr": mask_lr},
+                   steps={"steps": steps, "concrete_ta_steps": concrete_ta_steps, "meta_steps": meta_steps,
+                          "tta_steps": tta_steps},
+                   at_least_one={"batch_size": batch_size, "batches_per_step": batches_per_step})
     return dict(ta_lambda=float(ta_lambda), ties_k=float(ties_k), steps=int(steps), lr=float(lr),
                 batch_size=int(batch_size), batches_per_step=int(batches_per_step),
                 concrete_ta_steps=int(concrete_ta_steps), meta_steps=int(meta_steps), tta_steps=int(tta_steps),

@@ -32,6 +32,7 @@ from ..adaptation import (
     TaskStreams,
     adapt_coefficients,
     block_of,
+    check_schedule,
     clamp_coefficients,
     derived_generator,
     entropy_objective,
@@ -172,6 +173,8 @@ def concrete_task_arithmetic(
     progress: bool = True,
 ) -> AdaptationResult:
     """Concrete TA (Tang et al. 2023, Alg. 1 with fixed λ, then Alg. 2): learn the shared mask only."""
+    check_schedule("concrete_task_arithmetic", lrs={"lr": lr}, steps={"steps": steps},
+                   at_least_one={"batch_size": batch_size, "batches_per_step": batches_per_step})
     t0 = time.perf_counter()
     dev = resolve_device(device)
     space = _task_vector_space(suite, keys, dev)
@@ -272,6 +275,9 @@ def concrete_adamerging(
     ``"reset"`` evaluates it at the reset λ, as Algorithm 1 reads. Then one sample is frozen
     (``eval_mask``) and λ, reset, is adapted for ``tta_steps`` as in AdaMerging.
     """
+    check_schedule("concrete_adamerging", lrs={"inner_lr": inner_lr, "outer_lr": outer_lr, "tta_lr": tta_lr},
+                   steps={"meta_steps": meta_steps, "tta_steps": tta_steps},
+                   at_least_one={"batch_size": batch_size, "batches_per_step": batches_per_step})
     t0 = time.perf_counter()
     dev = resolve_device(device)
     space = _task_vector_space(suite, keys, dev)
