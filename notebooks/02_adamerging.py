@@ -599,6 +599,7 @@ publish_study("miniature_capacity", glue, "tab_capacity", "adamerging_miniature_
 publish_study("miniature_headroom", glue, "tab_headroom", "adamerging_miniature_headroom.csv",
               reported_gain=rep["Layer-wise AdaMerging"] - rep[ta_name], reported_gap=rep["Individual"] - rep[ta_name])
 publish_study("miniature_regime", glue, "tab_regime", "adamerging_miniature_regime.csv")
+publish_study("miniature_disentangle", glue, "tab_disentangle", "adamerging_miniature_disentangle.csv")
 
 # %% [markdown]
 # ```{glue:} tab_pilot
@@ -675,6 +676,29 @@ publish_study("miniature_regime", glue, "tab_regime", "adamerging_miniature_regi
 # cosine, the individual and Task Arithmetic (λ = 0.3) averages, and layer-wise AdaMerging (entropy,
 # 300 × 1) and the layer-wise oracle λ with their gains and the share of the gap they close.
 # {download}`CSV <adamerging_miniature_regime.csv>`
+#
+# **Scaling loss or interference?** Task Arithmetic at λ = {glue:text}`dt_lambda` loses accuracy on a
+# task for two reasons: its task vector is scaled down (*scaling loss*: individual minus the
+# pretrained model plus λ·τ_t alone) and the other seven vectors are added (*interference*: that
+# single-task model minus Task Arithmetic). The disentangling study
+# (`benchmarks/miniature_disentangle.py`, {glue:text}`dt_date`; evaluation only) measures both on the
+# committed fine-tunes. At λ = {glue:text}`dt_lambda` the scaling loss is {glue:text}`dt_scaling`
+# points and the interference {glue:text}`dt_inter` ({glue:text}`dt_share` of the gap;
+# {glue:text}`dt_worst` suffers most, {glue:text}`dt_worst_inter` points). At λ =
+# {glue:text}`dt_top` the scaling loss is {glue:text}`dt_scaling_top` and the interference
+# {glue:text}`dt_inter_top` (Task Arithmetic {glue:text}`dt_ta_top` %): {glue:text}`dt_effect`. This
+# is the coefficient space's limit that the oracle above meets: on the miniature, much of what
+# separates Task Arithmetic from the individual models is interference that no choice of λ removes,
+# which caps what AdaMerging can find; the papers' CLIP task vectors, which lose far less when
+# merged, leave the coefficients more to win.
+#
+# ```{glue:} tab_disentangle
+# ```
+#
+# The disentangling study: one row per uniform λ, with the averages over the eight tasks of the
+# individual models, of each task vector alone (pre + λτ_t, evaluated on its own task) and of
+# Task Arithmetic, and the individual − TA gap split into scaling loss and interference. One seed
+# (the committed fine-tunes), no intervals. {download}`CSV <adamerging_miniature_disentangle.csv>`
 #
 # ## What's next
 # The Concrete subspace method learns a *mask* shared by all task vectors before (or while)

@@ -306,3 +306,34 @@ def test_concrete_budget_table_and_numbers_by_hand():
         concrete_budget_numbers(frame.drop(index=2), {})
     with pytest.raises(ValueError, match="no mask lr above"):
         concrete_budget_numbers(frame[frame["mask_lr"] < 5e-3], {})
+
+
+def test_disentangle_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import disentangle_numbers, disentangle_table
+
+    # two tasks, individual 90 and 80; λ 0.3: alone 80/70, TA 70/66 -> scaling 10, interference 7;
+    # λ 1: alone 90/80 (no scaling loss), TA 40/30 -> interference 50
+    rows = [{"task": t, "lambda": lam, "individual": ind, "alone": al, "task_arithmetic": ta}
+            for t, lam, ind, al, ta in [("a", 0.3, 90, 80, 70), ("b", 0.3, 80, 70, 66),
+                                        ("a", 1.0, 90, 90, 40), ("b", 1.0, 80, 80, 30)]]
+    frame = pd.DataFrame(rows)
+    t = disentangle_table(frame)
+    assert list(t["λ"]) == ["0.3", "1"]
+    assert list(t["Gap (Ind − TA)"]) == [17.0, 50.0]
+    assert list(t["Scaling loss (Ind − Alone)"]) == [10.0, 0.0]
+    assert list(t["Interference (Alone − TA)"]) == [7.0, 50.0]
+    assert list(t["Interference share"]) == ["41%", "100%"]
+    n = disentangle_numbers(frame, {"date": "2026-12-04"})
+    assert (n["dt_scaling"], n["dt_inter"], n["dt_share"], n["dt_inter_top"], n["dt_ta_top"]) == \
+        ("10.0", "7.0", "41%", "50.0", "35.0")
+    assert (n["dt_worst"], n["dt_worst_inter"]) == ("a", "10.0")
+    assert "no single λ closes the gap" in n["dt_effect"] and "adds 43.0" in n["dt_effect"]
+    # a space where raising λ costs little interference reads the other way
+    mild = frame.assign(task_arithmetic=[70, 66, 88, 78])
+    assert "would close much of the gap" in disentangle_numbers(mild, {})["dt_effect"]
+    with pytest.raises(ValueError, match="no rows at the book's λ 0.5"):
+        disentangle_numbers(frame, {}, book_lambda=0.5)
+    with pytest.raises(KeyError, match="alone"):
+        disentangle_table(frame.drop(columns="alone"))
