@@ -21,8 +21,6 @@ date) to ``miniature_disentangle.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,19 +31,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from mergebook.artifacts import atomic_write  # noqa: E402
+from mergebook.artifacts import write_study  # noqa: E402
 from mergebook.evaluate import evaluate  # noqa: E402
 from mergebook.methods import merge  # noqa: E402
 from mergebook.models import tiny  # noqa: E402
+from mergebook.statedict import check_compatible, task_vector  # noqa: E402
 
 OUT = ROOT / "lib" / "mergebook" / "assets" / "studies"
 
 
 def scaled_alone(pre: dict, ft: dict, lam: float) -> dict:
     """pre + λ·(ft − pre) for one task (the registry refuses a one-model merge, rightly for users)."""
-    if pre.keys() != ft.keys():
-        raise KeyError(f"checkpoint keys differ: {sorted(pre.keys() ^ ft.keys())[:5]}")
-    return {k: pre[k] + lam * (ft[k] - pre[k]) if pre[k].is_floating_point() else pre[k] for k in pre}
+    check_compatible(pre, [ft])
+    return {**pre, **{k: pre[k] + lam * tau for k, tau in task_vector(ft, pre).items()}}
 
 
 def main(argv=None) -> None:
@@ -76,17 +74,12 @@ def main(argv=None) -> None:
         print(f"λ {lam:.2f}: TA avg {sub.task_arithmetic.mean():.1f}, alone avg {sub.alone.mean():.1f}; "
               f"scaling loss {sub.scaling_loss.mean():.1f}, interference {sub.interference.mean():.1f} points",
               flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    atomic_write(args.out / "miniature_disentangle.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    record = {"command": "OMP_NUM_THREADS=1 python benchmarks/miniature_disentangle.py --lambdas "
-                         + " ".join(f"{v:g}" for v in args.lambdas),
-              "seed": args.seed,
-              "device": f"cpu ({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
-              "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t_start, 1)}
-    atomic_write(args.out / "miniature_disentangle.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    record = write_study(args.out, "miniature_disentangle", frame, {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/miniature_disentangle.py --lambdas "
+                   + " ".join(f"{v:g}" for v in args.lambdas),
+        "seed": args.seed, "seconds": round(time.time() - t_start, 1)})
     print(f"wrote {args.out / 'miniature_disentangle.csv'} ({len(frame)} rows) in {record['seconds']:.0f} s")
-
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,7 @@ logit scale would give. It is a diagnostic, not a change to AdaMerging.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -32,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from mergebook.analysis import entropy_coupling  # noqa: E402
-from mergebook.artifacts import atomic_write  # noqa: E402
+from mergebook.artifacts import write_study  # noqa: E402
 from mergebook.evaluate import evaluate  # noqa: E402
 from mergebook.methods import merge  # noqa: E402
 from mergebook.methods.adamerging import adamerging  # noqa: E402
@@ -81,14 +79,11 @@ def main(argv=None) -> None:
                              "batches": bpp, "lr": lr, "seconds": round(time.time() - t0, 1), **acc})
                 print(f"{variant} T={temp:.3f} {steps}x{bpp} lr {lr}: avg {acc['avg']:.1f} "
                       f"(TA {ta['avg']:.1f}), housenum {acc['housenum']:.1f}, signs {acc['signs']:.1f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    atomic_write(args.out / "miniature_entropy.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    record = {"command": "OMP_NUM_THREADS=1 python benchmarks/miniature_entropy.py" + (" --quick" if args.quick else ""),
-              "seed": args.seed, "quick": args.quick, "clip_temperature": clip_t,
-              "device": f"cpu ({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
-              "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t_start, 1)}
-    atomic_write(args.out / "miniature_entropy.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    record = write_study(args.out, "miniature_entropy", frame, {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/miniature_entropy.py" + (" --quick" if args.quick else ""),
+        "seed": args.seed, "quick": args.quick, "clip_temperature": clip_t,
+        "seconds": round(time.time() - t_start, 1)})
     print(f"wrote {args.out / 'miniature_entropy.csv'} ({len(frame)} rows) in {record['seconds']:.0f} s")
 
 

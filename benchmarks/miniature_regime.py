@@ -17,8 +17,6 @@ one CPU thread: each new regime fine-tunes eight tasks).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from mergebook.adaptation import supervised_coefficients  # noqa: E402
 from mergebook.analysis import mean_off_diagonal, task_vector_cosines  # noqa: E402
-from mergebook.artifacts import atomic_write  # noqa: E402
+from mergebook.artifacts import write_study  # noqa: E402
 from mergebook.evaluate import evaluate  # noqa: E402
 from mergebook.methods import merge  # noqa: E402
 from mergebook.methods.adamerging import adamerging, adamerging_space  # noqa: E402
@@ -82,15 +80,12 @@ def main(argv=None) -> None:
         am, orc = measured[4][1]["avg"], oracle["avg"]
         print(f"ft lr {ft_lr:g}: individual {measured[2][1]['avg']:.1f}, TA {ta['avg']:.1f}, LW AM {am:.1f}, "
               f"oracle {orc:.1f}, |τ|/|θ| {measured[0][1]['avg']:.4f} ({seconds[f'{ft_lr:g}']:.0f} s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    atomic_write(args.out / "miniature_regime.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    record = {"command": "OMP_NUM_THREADS=1 python benchmarks/miniature_regime.py" + (" --quick" if args.quick else ""),
-              "seed": args.seed, "quick": args.quick, "steps": steps, "book_ft_lr": book_lr,
-              "ft_steps": tiny.TinyConfig().ft_steps, "seconds_per_regime": seconds,
-              "device": f"cpu ({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
-              "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t_start, 1)}
-    atomic_write(args.out / "miniature_regime.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    record = write_study(args.out, "miniature_regime", frame, {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/miniature_regime.py" + (" --quick" if args.quick else ""),
+        "seed": args.seed, "quick": args.quick, "steps": steps, "book_ft_lr": book_lr,
+        "ft_steps": tiny.TinyConfig().ft_steps, "seconds_per_regime": seconds,
+        "seconds": round(time.time() - t_start, 1)})
     print(f"wrote {args.out / 'miniature_regime.csv'} ({len(frame)} rows) in {record['seconds']:.0f} s")
 
 

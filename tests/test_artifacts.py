@@ -94,3 +94,27 @@ def test_json_entries_keep_key_order(cache):
     cache.json("r", "k", lambda: value)
     again = cache.json("r", "k", lambda: {"never": 0})
     assert list(again) == ["shapes", "digits", "avg"]
+
+
+def test_write_study_writes_frame_and_completed_record(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"task": ["a", "b"], "acc": [91.5, 62.25]})
+    record = artifacts.write_study(tmp_path / "studies", "demo", frame, {"command": "python demo.py", "seed": 3,
+                                                                          "date": "2026-01-02"})
+    back = pd.read_csv(tmp_path / "studies" / "demo.csv")
+    assert list(back.columns) == ["task", "acc"]          # no index column
+    assert back["acc"].tolist() == [91.5, 62.25]
+    written = json.loads((tmp_path / "studies" / "demo.json").read_text())
+    assert written == record
+    assert written["seed"] == 3 and written["date"] == "2026-01-02"   # a given date is kept
+    assert written["device"].startswith("cpu (") and f"torch {torch.__version__}" in written["device"]
+    assert not list((tmp_path / "studies").glob(".*.tmp"))             # no temp files left behind
+
+
+def test_write_study_refuses_a_record_without_its_command(tmp_path):
+    import pandas as pd
+
+    with pytest.raises(ValueError, match="needs the 'command'"):
+        artifacts.write_study(tmp_path, "demo", pd.DataFrame({"x": [1]}), {"seed": 0})
+    assert not (tmp_path / "demo.csv").exists()

@@ -714,6 +714,11 @@ def concrete_budget_numbers(budget: "pd.DataFrame", record: Mapping[str, Any], p
     return out
 
 
+def _disentangle_means(part: "pd.DataFrame") -> tuple[float, float, float]:
+    """Averages over tasks of (individual, alone, task_arithmetic) for one λ of the study."""
+    return tuple(float(part[c].mean()) for c in ("individual", "alone", "task_arithmetic"))
+
+
 def disentangle_table(study: "pd.DataFrame") -> "pd.DataFrame":
     """The disentangling study (``benchmarks/miniature_disentangle.py``) as one row per λ: the
     averages over tasks of the individual models, of each task vector *alone* (pre + λ·τ_t) and of
@@ -726,7 +731,7 @@ def disentangle_table(study: "pd.DataFrame") -> "pd.DataFrame":
         raise KeyError(f"disentangle_table: the study lacks columns {sorted(missing)}")
     rows = []
     for lam, part in study.groupby("lambda", sort=True):
-        ind, alone, ta = (float(part[c].mean()) for c in ("individual", "alone", "task_arithmetic"))
+        ind, alone, ta = _disentangle_means(part)
         gap = ind - ta
         rows.append({"λ": f"{lam:g}", "Individual": round(ind, 1), "Alone (pre + λτ_t)": round(alone, 1),
                      "Task Arithmetic": round(ta, 1), "Gap (Ind − TA)": round(gap, 1),
@@ -751,12 +756,10 @@ def disentangle_numbers(study: "pd.DataFrame", record: Mapping[str, Any], book_l
     at = study[study["lambda"] == book_lambda]
     top = study[study["lambda"] == lams[-1]]
 
-    def parts(f):
-        ind, alone, ta = (float(f[c].mean()) for c in ("individual", "alone", "task_arithmetic"))
-        return ind - alone, alone - ta, ta
-
-    s0, i0, ta0 = parts(at)
-    s1, i1, ta1 = parts(top)
+    ind0, alone0, ta0 = _disentangle_means(at)
+    ind1, alone1, ta1 = _disentangle_means(top)
+    s0, i0 = ind0 - alone0, alone0 - ta0
+    s1, i1 = ind1 - alone1, alone1 - ta1
     worst = at.assign(inter=at["alone"] - at["task_arithmetic"]).sort_values("inter").iloc[-1]
     out = {"dt_date": str(record.get("date", "undated")), "dt_lambda": f"{book_lambda:g}", "dt_top": f"{lams[-1]:g}",
            "dt_scaling": f"{s0:.1f}", "dt_inter": f"{i0:.1f}", "dt_share": f"{100 * i0 / (s0 + i0):.0f}%",

@@ -70,6 +70,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
             os.unlink(tmp)
 
 
+def write_study(out_dir: str | os.PathLike, name: str, frame: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a recorded study as ``out_dir/name.csv`` (``frame``, a DataFrame, without its index)
+    and ``out_dir/name.json`` (``record`` plus ``device`` and ``date`` when absent), both atomically.
+
+    The benchmark scripts under ``benchmarks/`` use it, so every study the book shows carries the
+    same record: its command, seed, device, date and seconds. Returns the record as written.
+    """
+    import platform
+    import time
+
+    if "command" not in record:
+        raise ValueError(f"write_study({name!r}): the record needs the 'command' that reproduces the study")
+    out = {**record}
+    out.setdefault("device", f"cpu ({platform.machine()}, torch {torch.__version__}, "
+                             f"{torch.get_num_threads()} threads)")
+    out.setdefault("date", time.strftime("%Y-%m-%d"))
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / f"{name}.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(out_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(out, indent=1) + "\n"))
+    return out
+
+
 class Cache:
     """Atomic, integrity-checked storage of state dicts and JSON results for one profile."""
 

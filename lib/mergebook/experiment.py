@@ -467,9 +467,8 @@ def verdict_table(claims: Sequence[Claim]) -> pd.DataFrame:
     dup = sorted({t for t in texts if texts.count(t) > 1})
     if dup:
         raise ValueError(f"verdict_table: claims must be distinct, {dup} appear more than once; reword one")
-    frame = pd.DataFrame([{"rule": c.rule.text, "ours": c.rule.ours, "reported": c.reported_text(),
-                           "verdict": c.rule.verdict} for c in claims], index=pd.Index(texts, name="claim"))
-    return frame
+    return pd.DataFrame([{"rule": c.rule.text, "ours": c.rule.ours, "reported": c.reported_text(),
+                          "verdict": c.rule.verdict} for c in claims], index=pd.Index(texts, name="claim"))
 
 
 # --------------------------------------------------------------------------------------------------
