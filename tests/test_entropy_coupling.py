@@ -330,6 +330,12 @@ def test_disentangle_table_and_numbers_by_hand():
         ("10.0", "7.0", "41%", "50.0", "35.0")
     assert (n["dt_worst"], n["dt_worst_inter"]) == ("a", "10.0")
     assert "no single λ closes the gap" in n["dt_effect"] and "adds 43.0" in n["dt_effect"]
+    assert n["dt_gap"] == "17.0" and "dt_gap_compare" not in n
+    assert disentangle_numbers(frame, {}, reported_gap=21.4)["dt_gap_compare"] == "about as large as"  # 17/21.4 = 0.79
+    assert disentangle_numbers(frame, {}, reported_gap=13.0)["dt_gap_compare"] == "larger than"        # 1.31
+    assert disentangle_numbers(frame, {}, reported_gap=30.0)["dt_gap_compare"] == "smaller than"       # 0.57
+    with pytest.raises(ValueError, match="reported_gap must be a positive"):
+        disentangle_numbers(frame, {}, reported_gap=float("nan"))
     # a space where raising λ costs little interference reads the other way
     mild = frame.assign(task_arithmetic=[70, 66, 88, 78])
     assert "would close much of the gap" in disentangle_numbers(mild, {})["dt_effect"]

@@ -742,13 +742,16 @@ def disentangle_table(study: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def disentangle_numbers(study: "pd.DataFrame", record: Mapping[str, Any], book_lambda: float = 0.3) -> dict[str, str]:
+def disentangle_numbers(study: "pd.DataFrame", record: Mapping[str, Any], book_lambda: float = 0.3,
+                        reported_gap: float | None = None) -> dict[str, str]:
     """The values chapter 02 quotes from the disentangling study, for ``glue`` (``dt_*``).
 
     At the book's λ (``book_lambda``) the gap's two parts; at the largest λ studied, what raising
     a *uniform* λ does to each. ``dt_effect`` is computed: if raising λ adds more interference than
     it removes scaling loss, a single λ cannot close the gap and only coefficients that differ
-    between layers or tasks can; the task with the most interference is named.
+    between layers or tasks can; the task with the most interference is named. With
+    ``reported_gap`` (the paper's individual − TA average, points) ``dt_gap_compare`` says whether
+    the miniature's gap is about as large (within a quarter of it), larger or smaller.
     """
     lams = sorted(float(v) for v in study["lambda"].unique())
     if book_lambda not in lams:
@@ -765,6 +768,14 @@ def disentangle_numbers(study: "pd.DataFrame", record: Mapping[str, Any], book_l
            "dt_scaling": f"{s0:.1f}", "dt_inter": f"{i0:.1f}", "dt_share": f"{100 * i0 / (s0 + i0):.0f}%",
            "dt_scaling_top": f"{s1:.1f}", "dt_inter_top": f"{i1:.1f}", "dt_ta_top": f"{ta1:.1f}",
            "dt_worst": str(worst["task"]), "dt_worst_inter": f"{float(worst['inter']):.1f}"}
+    out["dt_gap"] = f"{ind0 - ta0:.1f}"
+    if reported_gap is not None:
+        if not (math.isfinite(reported_gap) and reported_gap > 0):
+            raise ValueError(f"disentangle_numbers: reported_gap must be a positive number of points, got {reported_gap}")
+        ratio = (ind0 - ta0) / reported_gap
+        out["dt_gap_rep"] = f"{reported_gap:.1f}"
+        out["dt_gap_compare"] = ("about as large as" if abs(ratio - 1) <= 0.25 else
+                                 "larger than" if ratio > 1 else "smaller than")
     if (i1 - i0) > (s0 - s1):
         out["dt_effect"] = (f"raising a uniform λ from {book_lambda:g} to {lams[-1]:g} removes {s0 - s1:.1f} points of "
                             f"scaling loss but adds {i1 - i0:.1f} of interference, so no single λ closes the gap; only "
