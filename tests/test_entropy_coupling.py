@@ -343,3 +343,52 @@ def test_disentangle_table_and_numbers_by_hand():
         disentangle_numbers(frame, {}, book_lambda=0.5)
     with pytest.raises(KeyError, match="alone"):
         disentangle_table(frame.drop(columns="alone"))
+
+
+def test_domains_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import domains_numbers, domains_table
+
+    # two tasks a, b; per variant: (method, a, b). book: gap 85 - 68 = 17 = scaling 10 + interference 7,
+    # AM +3; pal: interference 3 (cut by 4), AM 71.5 - 72 = -0.5 (narrows, b below TA);
+    # frm: zero-shot 25 (broken), interference 5 (cut by 2), AM +5 (widens)
+    spec = {"book": [("Pretrained", 60, 50), ("Individual", 90, 80), ("Alone (λ 0.3)", 80, 70),
+                     ("Task Arithmetic (λ 0.3)", 70, 66), ("Layer-wise AdaMerging", 74, 68), ("Layer-wise oracle λ", 78, 72)],
+            "pal": [("Pretrained", 58, 52), ("Individual", 90, 80), ("Alone (λ 0.3)", 80, 70),
+                    ("Task Arithmetic (λ 0.3)", 74, 70), ("Layer-wise AdaMerging", 74, 69), ("Layer-wise oracle λ", 80, 74)],
+            "frm": [("Pretrained", 30, 20), ("Individual", 80, 70), ("Alone (λ 0.3)", 60, 50),
+                    ("Task Arithmetic (λ 0.3)", 50, 50), ("Layer-wise AdaMerging", 56, 54), ("Layer-wise oracle λ", 60, 56)]}
+    frame = pd.DataFrame([{"variant": v, "method": m, "a": a, "b": b, "avg": (a + b) / 2}
+                          for v, rows in spec.items() for m, a, b in rows])
+    t = domains_table(frame).set_index("variant")
+    assert list(t["scaling loss"]) == [10.0, 10.0, 20.0]
+    assert list(t["interference"]) == [7.0, 3.0, 5.0]
+    assert list(t["LW AM (Δ TA)"]) == ["71.0 (+3.0)", "71.5 (-0.5)", "55.0 (+5.0)"]
+    assert list(t["LW oracle λ (Δ TA)"]) == ["75.0 (+7.0)", "77.0 (+5.0)", "58.0 (+8.0)"]
+    assert list(t["LW AM below TA"]) == ["0 of 2", "1 of 2", "0 of 2"]
+    n = domains_numbers(frame, {"date": "2026-12-05", "steps": 300, "seconds": 1500})
+    assert n["dm_effect"] == ("pal cuts the interference from 7.0 to 3.0 points and narrows layer-wise AdaMerging's "
+                              "gain (+3.0 → -0.5); frm cuts the interference from 7.0 to 5.0 points and widens "
+                              "layer-wise AdaMerging's gain (+3.0 → +5.0)")
+    assert n["dm_broken"] == "the backbone no longer reads the images of frm (25.0 against 55.0)"
+    assert (n["dm_inter"], n["dm_gains"], n["dm_minutes"]) == ("book 7.0; pal 3.0; frm 5.0", "book +3.0; pal -0.5; frm +5.0",
+                                                              "25 min")
+    # a margin wider than every cut finds no effect; a missing method names the rerun
+    assert domains_numbers(frame, {"steps": 300}, margin=5)["dm_effect"] == "no variant cuts the interference by more than 5 point"
+    with pytest.raises(ValueError, match="domains study's variant 'pal' has no row.*miniature_domains.py"):
+        domains_table(frame[~((frame["variant"] == "pal") & (frame["method"] == "Alone (λ 0.3)"))])
+
+
+def test_committed_domains_study_reads():
+    from mergebook.analysis import domains_numbers, domains_table, recorded_study
+
+    frame, record = recorded_study("miniature_domains")
+    t = domains_table(frame)
+    assert list(t["variant"]) == list(frame["variant"].unique())
+    book = t.set_index("variant").loc["book"]
+    # the book's row must agree with the disentangling study of the same fine-tunes at λ 0.3
+    dis, _ = recorded_study("miniature_disentangle")
+    at = dis[dis["lambda"] == 0.3]
+    assert book["interference"] == round(float((at["alone"] - at["task_arithmetic"]).mean()), 1)
+    assert domains_numbers(frame, record)["dm_baseline"] == "book"

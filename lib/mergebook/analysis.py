@@ -568,15 +568,16 @@ def regime_numbers(regime: "pd.DataFrame", record: Mapping[str, Any], margin: fl
 DESIGN_METHODS = ("Pretrained", "Individual", "Task Arithmetic (λ 0.3)", "Layer-wise AdaMerging", "Layer-wise oracle λ")
 
 
-def _design_rows(design: "pd.DataFrame"):
+def _design_rows(design: "pd.DataFrame", methods: Sequence[str] = DESIGN_METHODS, study: str = "miniature_design"):
+    """(task columns, {variant: {method: row}}) of a per-variant study; a missing row names the rerun."""
     tasks = [c for c in design.columns if c not in ("variant", "changed", "method", "avg", "seconds")]
     out = {}
     for variant, part in design.groupby("variant", sort=False):
-        got = {m: part[part["method"] == m] for m in DESIGN_METHODS}
+        got = {m: part[part["method"] == m] for m in methods}
         missing = [m for m, rows in got.items() if rows.empty]
         if missing:
-            raise ValueError(f"the design study's variant {variant!r} has no row for {missing}; rerun "
-                             "benchmarks/miniature_design.py for it")
+            raise ValueError(f"the {study.replace('miniature_', '')} study's variant {variant!r} has no row for "
+                             f"{missing}; rerun benchmarks/{study}.py for it")
         out[variant] = {m: rows.iloc[0] for m, rows in got.items()}
     return tasks, out
 
@@ -788,6 +789,74 @@ def disentangle_numbers(study: "pd.DataFrame", record: Mapping[str, Any], book_l
     return out
 
 
+DOMAINS_METHODS = (*DESIGN_METHODS, "Alone (λ 0.3)")
+
+
+def _domain_parts(get: Mapping[str, "pd.Series"]) -> dict[str, float]:
+    """One domains-study variant's averages and the split of the individual − TA gap."""
+    ind, alone = get["Individual"]["avg"], get["Alone (λ 0.3)"]["avg"]
+    ta = get["Task Arithmetic (λ 0.3)"]["avg"]
+    return {"zero": get["Pretrained"]["avg"], "ind": ind, "ta": ta, "scaling": ind - alone, "inter": alone - ta,
+            "am": get["Layer-wise AdaMerging"]["avg"] - ta, "oracle": get["Layer-wise oracle λ"]["avg"] - ta}
+
+
+def domains_table(domains: "pd.DataFrame") -> "pd.DataFrame":
+    """The input-domain study (``benchmarks/miniature_domains.py``) as one row per variant: zero-shot,
+    individual and Task Arithmetic (λ 0.3) averages, TA's gap split into scaling loss (individual −
+    each vector alone) and interference (alone − TA), layer-wise AdaMerging's and the oracle λ's gain
+    over TA, and how many tasks AdaMerging leaves below TA."""
+    import pandas as pd
+
+    tasks, variants = _design_rows(domains, DOMAINS_METHODS, "miniature_domains")
+    rows = []
+    for variant, get in variants.items():
+        p = _domain_parts(get)
+        am, ta = get["Layer-wise AdaMerging"], get["Task Arithmetic (λ 0.3)"]
+        rows.append({"variant": variant, "zero-shot": round(p["zero"], 1), "individual": round(p["ind"], 1),
+                     "TA": round(p["ta"], 1), "scaling loss": round(p["scaling"], 1),
+                     "interference": round(p["inter"], 1), "LW AM (Δ TA)": f"{am['avg']:.1f} ({p['am']:+.1f})",
+                     "LW oracle λ (Δ TA)": f"{get['Layer-wise oracle λ']['avg']:.1f} ({p['oracle']:+.1f})",
+                     "LW AM below TA": f"{int(sum(am[t] < ta[t] for t in tasks))} of {len(tasks)}"})
+    return pd.DataFrame(rows)
+
+
+def domains_numbers(domains: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0) -> dict[str, str]:
+    """The values chapter 02 quotes from the input-domain study, for ``glue`` (``dm_*``).
+
+    Against the first variant (the book's tasks): ``dm_effect`` names the variants that cut Task
+    Arithmetic's interference by more than ``margin`` points and says, for each, whether layer-wise
+    AdaMerging's gain over TA widened (by more than ``margin``), narrowed or held; ``dm_broken``
+    names the variants whose zero-shot average falls more than ten times ``margin`` below the
+    baseline's (the backbone no longer reads the images).
+    """
+    _, variants = _design_rows(domains, DOMAINS_METHODS, "miniature_domains")
+    parts = {v: _domain_parts(get) for v, get in variants.items()}
+    base = next(iter(parts))
+    b = parts[base]
+    effects = []
+    for v, p in parts.items():
+        if v == base or b["inter"] - p["inter"] <= margin:
+            continue
+        change = p["am"] - b["am"]
+        how = ("widens" if change > margin else "narrows" if change < -margin else "leaves") + \
+            f" layer-wise AdaMerging's gain ({b['am']:+.1f} → {p['am']:+.1f})"
+        effects.append(f"{v} cuts the interference from {b['inter']:.1f} to {p['inter']:.1f} points and {how}")
+    broken = [f"{v} ({p['zero']:.1f} against {b['zero']:.1f})" for v, p in parts.items()
+              if b["zero"] - p["zero"] > 10 * margin]
+    fmt = lambda key, spec: "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())  # noqa: E731
+    return {
+        "dm_date": str(record.get("date", "undated")), "dm_steps": f"{int(record['steps'])}",
+        "dm_minutes": f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record else "an unrecorded time",
+        "dm_baseline": base, "dm_variants": ", ".join(v for v in parts if v != base),
+        "dm_ta": fmt("ta", ".1f"), "dm_inter": fmt("inter", ".1f"), "dm_gains": fmt("am", "+.1f"),
+        "dm_oracle": fmt("oracle", "+.1f"), "dm_zero": fmt("zero", ".1f"),
+        "dm_effect": ("; ".join(effects) if effects else
+                      f"no variant cuts the interference by more than {margin:g} point"),
+        "dm_broken": ("no variant breaks the backbone's zero-shot reading" if not broken else
+                      "the backbone no longer reads the images of " + ", ".join(broken)),
+    }
+
+
 # The recorded miniature studies the chapters show (02: the miniature's design; 03: the Concrete
 # budget): name -> (table view, quoted numbers).
 STUDY_VIEWS: dict[str, tuple[Callable[..., Any], Callable[..., dict[str, str]]]] = {
@@ -798,6 +867,7 @@ STUDY_VIEWS: dict[str, tuple[Callable[..., Any], Callable[..., dict[str, str]]]]
     "miniature_headroom": (headroom_table, headroom_numbers),
     "miniature_regime": (regime_table, regime_numbers),
     "miniature_disentangle": (disentangle_table, disentangle_numbers),
+    "miniature_domains": (domains_table, domains_numbers),
     "concrete_budget": (concrete_budget_table, concrete_budget_numbers),
 }
 
