@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -72,11 +72,10 @@ import pandas as pd
 import torch
 from myst_nb import glue
 
+from mergebook import experiment as ex
 from mergebook import plotting
-from mergebook.evaluate import accuracy
 from mergebook.profiles import get_profile, load_suite
 from mergebook.reference import paper_table_wide
-from mergebook.results import cached_result
 
 torch.manual_seed(seed)
 plotting.apply_style()
@@ -157,18 +156,7 @@ glue("tab_sizes", sizes, display=False)
 
 
 # %%
-def _matrix():
-    rows = {"pretrained": {t: accuracy(suite.model, suite.pretrained, suite.heads[t], suite.test[t]) for t in tasks}}
-    for src in tasks:
-        sd = suite.finetuned[src]
-        rows[src] = {t: accuracy(suite.model, sd, suite.heads[t], suite.test[t]) for t in tasks}
-    if "mtl" in suite.meta:
-        rows["traditional MTL"] = {t: accuracy(suite.model, suite.meta["mtl"], suite.heads[t], suite.test[t])
-                                   for t in tasks}
-    return rows
-
-
-matrix = pd.DataFrame(cached_result(suite, "cross_task_matrix", {}, _matrix)).T.loc[:, tasks]
+matrix = ex.cross_task_matrix(suite)
 matrix["avg"] = matrix.mean(axis=1)
 individual = np.diag(matrix.loc[tasks, tasks].to_numpy())
 zero_shot = matrix.loc["pretrained", tasks].to_numpy()

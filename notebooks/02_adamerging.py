@@ -90,13 +90,10 @@ import torch
 from myst_nb import glue
 
 from mergebook import experiment as ex
-from mergebook.analysis import entropy_coupling, mean_off_diagonal, publish_study, task_vector_cosines
+from mergebook.analysis import mean_off_diagonal, publish_study, task_vector_cosines
 from mergebook import plotting
-from mergebook.evaluate import entropy_and_loss
-from mergebook.methods import merge
 from mergebook.profiles import load_suite
 from mergebook.reference import paper_table, paper_table_wide, reference_arch, reported_row
-from mergebook.results import cached_result
 from mergebook.statedict import layer_names
 
 torch.manual_seed(seed)
@@ -116,9 +113,7 @@ arch, table_id = reference_arch(profile), paper_table("adamerging", profile)
 # of all tasks pooled, *ALL*) are sorted by entropy into {glue:text}`n_bins` equal-count bins.
 
 # %% tags=["hide-input", "remove-output"]
-ent_loss = cached_result(suite, "entropy_vs_loss", {"lambda": ta_lambda, "format": 2}, lambda: {
-    t: {k: v.tolist() for k, v in d.items()}
-    for t, d in entropy_and_loss(suite, merge("task_arithmetic", pre, fts, scaling_coef=ta_lambda)).items()})
+ent_loss = ex.entropy_loss_at(suite, ta_lambda)
 bins = ex.entropy_loss_bins(ent_loss, n_bins)
 rho = ex.entropy_loss_spearman(ent_loss)
 panels = ["ALL"] + list(tasks)
@@ -383,9 +378,7 @@ glue("coef_hi", f"{hi:.2f}", display=False)
 # whatever it does to that task's accuracy.
 
 # %% tags=["hide-input", "remove-output"]
-coupling = pd.DataFrame(cached_result(suite, "entropy_coupling", {"lambda": ta_lambda, "n": coupling_images},
-                                      lambda: entropy_coupling(suite, ta_lambda, coupling_images).to_dict()))
-coupling = coupling.loc[tasks, tasks]
+coupling = ex.entropy_coupling_at(suite, ta_lambda, coupling_images)
 coupling_total = coupling.sum(axis=0)
 fig, ax = plt.subplots(figsize=(7.5, 5.2))
 vmax = float(np.abs(coupling.values).max())

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -101,11 +101,8 @@ from mergebook import cart_analysis as C
 from mergebook import experiment as X
 from mergebook import plotting
 from mergebook import summary as S
-from mergebook.evaluate import evaluate
-from mergebook.methods import merge
 from mergebook.reference import paper_table, reference_arch, reported_rows
 from mergebook.profiles import load_suite
-from mergebook.results import cached_result
 
 t_start = time.perf_counter()
 torch.manual_seed(seed)
@@ -131,8 +128,7 @@ cart_table_id = paper_table("cart", profile)
 # directions hold, and the rank that holds {glue:text}`energy_pct` % of it.
 
 # %% tags=["hide-input", "remove-output"]
-spec = cached_result(suite, "cart_spectra", {"fraction": energy_fraction, "rule": str(matrix_rule), "format": 2},
-                     lambda: C.spectra(pre, fts, fraction=energy_fraction, matrix_rule=matrix_rule))
+spec = C.suite_spectra(suite, fraction=energy_fraction, matrix_rule=matrix_rule)
 example_keys = list(spec["examples"])
 fig, axes = plt.subplots(2, (len(example_keys) + 1) // 2, figsize=(12, 6), squeeze=False)
 for ax, key in zip(axes.T.ravel(), example_keys):
@@ -217,9 +213,7 @@ for k, v in facts.items():
 
 # %% tags=["hide-input", "remove-output"]
 glue("ta_lambda", f"{ta_lambda:g}", display=False)
-lam_val = cached_result(suite, "cart_lambda_val", {"grid": cart_lambdas, "ratio": cart_ratio}, lambda: {
-    f"{lam:g}": evaluate(suite, merge("cart", pre, fts, scaling_coef=lam, ratio=cart_ratio), split="val")["avg"]
-    for lam in cart_lambdas})
+lam_val = C.cart_lambda_on_val(suite, cart_lambdas, ratio=cart_ratio, matrix_rule=matrix_rule)
 cart_lambda = float(max(lam_val, key=lam_val.get))
 glue("cart_lambda", f"{cart_lambda:g}", display=False)
 lam_table = pd.Series(lam_val, name="validation avg (%)").round(1).to_frame().T
@@ -497,12 +491,9 @@ for m, key in [("Weight Averaging", "wa"), ("Task Arithmetic", "ta"), ("Ties-Mer
 
 # %% tags=["hide-input", "remove-output"]
 ada = S.chapter02(suite, S.chapter_params("02", profile)).rows.get("Layer-wise AdaMerging")  # read, never rerun
-cart_rows = cached_result(suite, "cart_table1", S.cart_table_params(
-    {"cart_ratio": cart_ratio, "cart_lambdas": cart_lambdas, "cartpp_steps": cartpp_steps,
-     "cartpp_batch_size": cartpp_batch_size, "seed": seed}), lambda: {
-    "CART": {**sweep["centered"]["top"][f"{cart_ratio:g}"], "setting": f"λ={cart_lambda:g}, rank {100 * cart_ratio:g}%"},
-    "CART++": {**C.cartpp_row(suite, ratio=cart_ratio, init=cart_lambda, steps=cartpp_steps,
-                              batch_size=cartpp_batch_size, seed=seed, device=device), "setting": f"{cartpp_steps} steps"}})
+cart_rows = C.cart_table_rows(suite, sweep, ratio=cart_ratio, lambdas=cart_lambdas, cart_lambda=cart_lambda,
+                              steps=cartpp_steps, batch_size=cartpp_batch_size, seed=seed, device=device,
+                              matrix_rule=matrix_rule)
 sizes = {t: len(suite.test[t]) for t in tasks}
 free = {"Weight Averaging": sweep["centered"]["top"]["0"]["correct"],
         "Task Arithmetic": X.pack_by_task(ta_sel.correct), "Ties-Merging (sum)": X.pack_by_task(ties_sel.correct),

@@ -179,3 +179,43 @@ def test_reported_table_has_the_papers_rows_for_our_methods():
     t = C.reported_table("cart", "tiny", ["CART", "Ties-Merging (sum)", "Not A Method"])
     assert list(t.index) == ["CART", "Ties-Merging (sum)"]
     assert t.loc["CART", "Average"] == pytest.approx(83.0)
+
+
+def test_cart_lambda_on_val_scores_each_lambda_as_a_direct_merge(cache_dir):
+    s = micro_cart_suite()
+    got = C.cart_lambda_on_val(s, [0.5, 1.0], ratio=0.5)
+    assert list(got) == ["0.5", "1"]
+    for lam in (0.5, 1.0):
+        sd = merge("cart", s.pretrained, s.finetuned_list(), scaling_coef=lam, ratio=0.5)
+        assert got[f"{lam:g}"] == pytest.approx(evaluate(s, sd, split="val")["avg"])
+    with pytest.raises(ValueError, match="no λ given"):
+        C.cart_lambda_on_val(s, [], ratio=0.5)
+
+
+def test_suite_spectra_is_spectra_of_the_suite(cache_dir):
+    s = micro_cart_suite()
+    got = C.suite_spectra(s, fraction=0.9)
+    want = C.spectra(s.pretrained, s.finetuned_list(), fraction=0.9)
+    assert got["rank"] == want["rank"] and got["full"] == want["full"]
+    np.testing.assert_allclose(got["energy"]["centered"], want["energy"]["centered"])
+
+
+def test_cart_table_rows_take_the_sweep_point_and_are_read_by_the_summary(cache_dir, monkeypatch):
+    from mergebook import summary as S
+
+    s = micro_cart_suite()
+    sweep = C.rank_sweep(s, [0.0, 0.5], 1.0, 0.3)
+    fake_pp = {"accuracy": {"avg": 1.0}, "correct": {}, "history": {}}
+    monkeypatch.setattr(C, "cartpp_row", lambda suite, **kw: dict(fake_pp, kw=kw))
+    rows = C.cart_table_rows(s, sweep, ratio=0.5, lambdas=[1.0], cart_lambda=1.0, steps=3, batch_size=4, seed=0,
+                             device="cpu")
+    assert rows["CART"]["accuracy"] == sweep["centered"]["top"]["0.5"]["accuracy"]
+    assert rows["CART"]["setting"] == "λ=1, rank 50%" and rows["CART++"]["setting"] == "3 steps"
+    assert rows["CART++"]["kw"] == {"ratio": 0.5, "init": 1.0, "steps": 3, "batch_size": 4, "seed": 0,
+                                    "device": "cpu", "matrix_rule": None}
+    # the summary chapter finds them under its own key, without recomputing
+    p = {"cart_ratio": 0.5, "cart_lambdas": [1.0], "cartpp_steps": 3, "cartpp_batch_size": 4, "seed": 0}
+    assert S.chapter04(s, p).rows["CART"]["accuracy"] == rows["CART"]["accuracy"]
+    with pytest.raises(KeyError, match="no centered point at ratio 0.25"):
+        C.cart_table_rows(s, sweep, ratio=0.25, lambdas=[1.0], cart_lambda=1.0, steps=3, batch_size=4, seed=0,
+                          device="cpu")

@@ -417,3 +417,41 @@ def test_predict_batches_do_not_change_logits():
     assert eval_batch_size(torch.zeros(1)) == EVAL_BATCH["cpu"]
     with pytest.raises(ValueError, match="batch_size"):
         predict(s.model, s.pretrained, s.heads["a"], x, batch_size=0)
+
+
+# ------------------------------------------------------------------ cached evaluations of 00 and 02
+def test_cross_task_matrix_is_every_model_on_every_task(cache_dir):
+    from mergebook.evaluate import accuracy
+
+    s = micro_suite()
+    m = ex.cross_task_matrix(s)
+    assert list(m.index) == ["pretrained", "a", "b"] and list(m.columns) == ["a", "b"]
+    for row, sd in [("pretrained", s.pretrained), ("a", s.finetuned["a"]), ("b", s.finetuned["b"])]:
+        for t in s.tasks:
+            assert m.loc[row, t] == pytest.approx(accuracy(s.model, sd, s.heads[t], s.test[t]))
+    s.meta["mtl"] = s.finetuned["b"]  # a suite with a multi-task model gets its row (new fingerprint)
+    s.meta["fingerprint"] = "micro-mtl"
+    assert ex.cross_task_matrix(s).loc["traditional MTL"].tolist() == pytest.approx(m.loc["b"].tolist())
+
+
+def test_entropy_loss_at_is_task_arithmetic_entropy_and_loss(cache_dir):
+    from mergebook.evaluate import entropy_and_loss
+
+    s = micro_suite()
+    got = ex.entropy_loss_at(s, 0.4)
+    want = entropy_and_loss(s, merge("task_arithmetic", s.pretrained, s.finetuned_list(), scaling_coef=0.4))
+    for t in s.tasks:
+        np.testing.assert_allclose(got[t]["entropy"], want[t]["entropy"], rtol=1e-6)
+        np.testing.assert_allclose(got[t]["loss"], want[t]["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="λ must be finite"):
+        ex.entropy_loss_at(s, float("nan"))
+
+
+def test_entropy_coupling_at_is_the_analysis_frame_in_task_order(cache_dir):
+    from mergebook.analysis import entropy_coupling
+
+    s = micro_suite()
+    got = ex.entropy_coupling_at(s, 0.3, 16)
+    want = entropy_coupling(s, 0.3, 16)
+    assert list(got.index) == list(got.columns) == s.tasks
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-9)

@@ -69,6 +69,23 @@ def test_committed_ipynb_has_no_outputs_and_no_execution_counts(source: Path) ->
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_chapter_cells_define_no_functions_or_classes(source: Path) -> None:
+    """A chapter's cells are calls, tables and figures: a def, class or lambda belongs in mergebook."""
+    import ast
+
+    found = []
+    for i, cell in enumerate(_read(source).cells):
+        if cell.cell_type != "code":
+            continue
+        code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                found.append(f"cell {i}, line {node.lineno}: {type(node).__name__}")
+    assert not found, (f"{source.stem} defines code in its cells ({'; '.join(found)}); move it into mergebook "
+                       "(an experiment/analysis function with a test) and call it")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
 def test_parameters_cell_is_one_early_cell_of_literal_assignments(source: Path) -> None:
     nb = _read(source)
     index = bb.parameters_cell_index(nb)  # raises unless exactly one cell is tagged

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .analysis import energy_rank, landscape_plane, subsets_by_size
-from .evaluate import predict
+from .evaluate import evaluate, predict
 from .experiment import Interval, average_interval, pack_by_task, scored, unpack_by_task
 from .methods import merge
 from .methods.cart import cart_route, cumulative_energy, singular_values
@@ -453,8 +453,51 @@ def cartpp_row(suite: Any, *, ratio: float, init: float, steps: int, batch_size:
                          compute)
 
 
-__all__ = ["CURVE_LABELS", "REFERENCE_WIDTH", "correct_from_accuracy", "cartpp_row", "curve_frame", "curve_interval",
+def suite_spectra(suite: Any, *, fraction: float, matrix_rule: Any = None) -> dict[str, Any]:
+    """:func:`spectra` of the suite's task vectors (cached; CART Figs. 3-4 and the energy-rank table)."""
+    return cached_result(suite, "cart_spectra", {"fraction": float(fraction), "rule": str(matrix_rule), "format": 2},
+                         lambda: spectra(suite.pretrained, suite.finetuned_list(), fraction=fraction,
+                                         matrix_rule=matrix_rule))
+
+
+def cart_lambda_on_val(suite: Any, lambdas: Sequence[float], *, ratio: float, matrix_rule: Any = None) -> dict[str, float]:
+    """CART's validation average (%) at rank ``ratio`` for each λ in ``lambdas`` (cached), keyed by
+    ``f"{λ:g}"``; the chapter takes the best as CART's λ, as the paper selects it on validation data."""
+    lambdas = [float(x) for x in lambdas]
+    if not lambdas:
+        raise ValueError("cart_lambda_on_val: no λ given; pass the grid to choose CART's λ from")
+
+    def compute() -> dict[str, float]:
+        return {f"{lam:g}": evaluate(suite, merge("cart", suite.pretrained, suite.finetuned_list(), scaling_coef=lam,
+                                                  ratio=ratio, matrix_rule=matrix_rule), split="val")["avg"]
+                for lam in lambdas}
+
+    return cached_result(suite, "cart_lambda_val", {"grid": lambdas, "ratio": float(ratio), "rule": str(matrix_rule)},
+                         compute)
+
+
+def cart_table_rows(suite: Any, sweep: Mapping[str, Any], *, ratio: float, lambdas: Sequence[float],
+                    cart_lambda: float, steps: int, batch_size: int, seed: int, device: Any,
+                    matrix_rule: Any = None) -> dict[str, dict[str, Any]]:
+    """Chapter 04's Table 1 rows (cached under the key the summary chapter reads): ``"CART"``, the
+    rank sweep's centered top-``ratio`` point at the val-chosen ``cart_lambda``, and ``"CART++"``,
+    :func:`cartpp_row` adapted from it; each with ``accuracy``, ``correct`` and a ``setting`` label."""
+    from .summary import cart_table_params
+
+    point = sweep["centered"]["top"].get(_r(ratio))
+    if point is None:
+        raise KeyError(f"cart_table_rows: the rank sweep has no centered point at ratio {ratio:g} "
+                       f"(has {sorted(sweep['centered']['top'])}); add it to the chapter's ratios")
+    params = cart_table_params({"cart_ratio": ratio, "cart_lambdas": lambdas, "cartpp_steps": steps,
+                                "cartpp_batch_size": batch_size, "seed": seed})
+    return cached_result(suite, "cart_table1", params, lambda: {
+        "CART": {**point, "setting": f"λ={cart_lambda:g}, rank {100 * ratio:g}%"},
+        "CART++": {**cartpp_row(suite, ratio=ratio, init=cart_lambda, steps=steps, batch_size=batch_size, seed=seed,
+                                device=device, matrix_rule=matrix_rule), "setting": f"{steps} steps"}})
+
+
+__all__ = ["CURVE_LABELS", "REFERENCE_WIDTH", "cart_lambda_on_val", "cart_table_rows", "correct_from_accuracy", "cartpp_row", "curve_frame", "curve_interval",
            "curve_intervals", "curves_table", "plot_curve", "plot_spectrum", "plot_task_count", "plot_task_curves",
            "rank_axis", "reported_table",
            "energy_rank_frame", "landscape", "layer_label", "peak", "plot_landscape", "rank_sweep", "rank_to_reach",
-           "routing", "spectra", "task_count", "task_count_frame"]
+           "routing", "spectra", "suite_spectra", "task_count", "task_count_frame"]

@@ -657,6 +657,61 @@ def data_using_rows(suite: Any, num_examples: int = 200, regmean_alpha: float = 
 
 
 # --------------------------------------------------------------------------------------------------
+# Cached evaluations the chapters plot (00's cross-task matrix, 02's entropy figures)
+# --------------------------------------------------------------------------------------------------
+def cross_task_matrix(suite: Any) -> pd.DataFrame:
+    """Test accuracy (%) of every model of the suite on every task with that task's head (cached).
+
+    Rows: ``pretrained`` (zero-shot), each fine-tuned model under its task's name, and ``traditional
+    MTL`` where the suite carries a multi-task model; columns: the tasks, in suite order.
+    """
+    from .evaluate import accuracy
+    from .results import cached_result
+
+    tasks = list(suite.tasks)
+
+    def compute() -> dict[str, dict[str, float]]:
+        models = {"pretrained": suite.pretrained, **{t: suite.finetuned[t] for t in tasks}}
+        if "mtl" in suite.meta:
+            models["traditional MTL"] = suite.meta["mtl"]
+        return {name: {t: accuracy(suite.model, sd, suite.heads[t], suite.test[t]) for t in tasks}
+                for name, sd in models.items()}
+
+    return pd.DataFrame(cached_result(suite, "cross_task_matrix", {}, compute)).T.loc[:, tasks]
+
+
+def entropy_loss_at(suite: Any, coefficient: float) -> dict[str, dict[str, list[float]]]:
+    """Per-image prediction entropy and cross-entropy loss of Task Arithmetic at λ = ``coefficient``
+    on every task's test images (cached): ``{task: {"entropy": [...], "loss": [...]}}``, the data of
+    AdaMerging's Fig. 3 / Fig. 11."""
+    from .evaluate import entropy_and_loss
+    from .methods import merge
+    from .results import cached_result
+
+    coefficient = float(coefficient)
+    if not np.isfinite(coefficient):
+        raise ValueError(f"entropy_loss_at: the coefficient λ must be finite, got {coefficient!r}")
+
+    def compute() -> dict[str, dict[str, list[float]]]:
+        merged = merge("task_arithmetic", suite.pretrained, suite.finetuned_list(), scaling_coef=coefficient)
+        return {t: {k: v.tolist() for k, v in d.items()} for t, d in entropy_and_loss(suite, merged).items()}
+
+    return cached_result(suite, "entropy_vs_loss", {"lambda": coefficient, "format": 2}, compute)
+
+
+def entropy_coupling_at(suite: Any, coefficient: float, n: int) -> pd.DataFrame:
+    """:func:`mergebook.analysis.entropy_coupling` at λ = ``coefficient`` on ``n`` images per task
+    (cached), as a tasks × tasks frame: row i, column j is ∂H_i/∂λ_j."""
+    from .analysis import entropy_coupling
+    from .results import cached_result
+
+    frame = pd.DataFrame(cached_result(suite, "entropy_coupling", {"lambda": float(coefficient), "n": int(n)},
+                                       lambda: entropy_coupling(suite, coefficient, n).to_dict()))
+    tasks = list(suite.tasks)
+    return frame.loc[tasks, tasks]
+
+
+# --------------------------------------------------------------------------------------------------
 # Adaptive runs (AdaMerging, Concrete), cached with per-sample correctness
 # --------------------------------------------------------------------------------------------------
 def adaptive_run(suite: Any, name: str, params: Mapping[str, Any], run: Callable[[], Any],
