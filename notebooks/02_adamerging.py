@@ -485,7 +485,9 @@ glue("n_claims", f"{len(verdicts)}", display=False)
 # batches per task, this one {glue:text}`ada_steps` with one. A claim that only *partly holds* here
 # is a point estimate inside the test set's sampling noise, not a contradiction of the paper.
 #
-# **What made entropy mislead: housenum's neighbours.** The miniature's first design drew housenum,
+# ### What made entropy mislead: housenum's neighbours
+#
+# The miniature's first design drew housenum,
 # its SVHN, with up to two neighbouring digits as tall as the centre one and 15 px away, as SVHN's
 # crops show them. On that design, adapting longer helped six tasks and drove housenum (and, under
 # the paper's 500 × 2 schedule, signs) below Task Arithmetic. The task-design study (`benchmarks/miniature_design.py`,
@@ -518,7 +520,9 @@ publish_study("miniature_design", glue, "tab_design", "adamerging_miniature_desi
 # AdaMerging's and the oracle λ's gain over TA with the share of the TA → individual gap each
 # closes. One seed, no intervals. {download}`CSV <adamerging_miniature_design.csv>`
 #
-# **What was ruled out first.** The studies below were recorded on the *first* design, before the
+# ### What was ruled out first
+#
+# The studies below were recorded on the *first* design, before the
 # neighbours were dropped: their Task Arithmetic and AdaMerging numbers are that design's, not this
 # chapter's. They tested other explanations of the collapse, recorded by
 # `benchmarks/miniature_entropy.py` ({glue:text}`st_date`, {glue:text}`st_device`; the book reads
@@ -575,7 +579,9 @@ glue("st_h_others_1", f"{lw_entropy[-10:, others].mean():.2f}", display=False)
 # at λ = 0.3 on the same test images; "below TA" counts the tasks that the run leaves below it.
 # {download}`CSV <adamerging_miniature_entropy_study.csv>`
 #
-# **A backbone pretrained to a sharper scale?** The committed backbone was pretrained with label
+# ### A backbone pretrained to a sharper scale?
+#
+# The committed backbone was pretrained with label
 # smoothing, which holds CLIP's learnable temperature near its starting value. A pilot
 # (`benchmarks/miniature_pilot.py`) pretrained two short backbones, {glue:text}`pl_steps` steps on
 # {glue:text}`pl_images` images each, with label smoothing {glue:text}`pl_ls_0` and
@@ -605,7 +611,9 @@ publish_study("miniature_domains", glue, "tab_domains", "adamerging_miniature_do
 # column sum of the coupling matrix, and layer-wise AdaMerging under two schedules (Δ against TA;
 # "below TA" counts tasks). {download}`CSV <adamerging_miniature_pilot.csv>`
 #
-# **A backbone with more room?** A second pilot (`benchmarks/miniature_capacity.py`) pretrained
+# ### A backbone with more room?
+#
+# A second pilot (`benchmarks/miniature_capacity.py`) pretrained
 # backbones of other sizes the same way ({glue:text}`cap_steps` steps, label smoothing 0.1; one
 # CPU thread: {glue:text}`cap_minutes`) and fine-tuned and merged each as the book does. For
 # {glue:text}`cap_backbones`, layer-wise AdaMerging's gain over Task Arithmetic is
@@ -626,7 +634,9 @@ publish_study("miniature_domains", glue, "tab_domains", "adamerging_miniature_do
 # the housenum column sum, and layer-wise AdaMerging 300 × 1 (Δ against TA; "below TA" counts
 # tasks). {download}`CSV <adamerging_miniature_capacity.csv>`
 #
-# **How much room do the coefficients leave?** The studies above change the objective or the
+# ### How much room do the coefficients leave?
+#
+# The studies above change the objective or the
 # backbone. A third (`benchmarks/miniature_headroom.py`, {glue:text}`hr_date`) changes neither: it
 # keeps AdaMerging's loop on the first design's committed fine-tunes but learns λ *with labels*,
 # by cross-entropy on the val images (*supervised*) or on the test images themselves (*oracle*: a
@@ -651,7 +661,9 @@ publish_study("miniature_domains", glue, "tab_domains", "adamerging_miniature_do
 # "Gap closed" is the gain over Task Arithmetic as a share of the individual − TA gap; "below TA"
 # counts tasks. One seed, no intervals. {download}`CSV <adamerging_miniature_headroom.csv>`
 #
-# **Another fine-tuning regime?** The task vectors' size is set by the fine-tune: CLIP's come
+# ### Another fine-tuning regime?
+#
+# The task vectors' size is set by the fine-tune: CLIP's come
 # from fine-tunes at lr 1e-5 on the full datasets, the miniature's from {glue:text}`rg_ft_steps`
 # steps at lr {glue:text}`rg_book_lr`. The regime study (`benchmarks/miniature_regime.py`,
 # {glue:text}`rg_date`; {glue:text}`rg_minutes` on one thread) re-fine-tunes the eight tasks at lr
@@ -672,7 +684,9 @@ publish_study("miniature_domains", glue, "tab_domains", "adamerging_miniature_do
 # 300 × 1) and the layer-wise oracle λ with their gains and the share of the gap they close.
 # {download}`CSV <adamerging_miniature_regime.csv>`
 #
-# **Scaling loss or interference?** Task Arithmetic at λ = {glue:text}`dt_lambda` loses accuracy on a
+# ### Scaling loss or interference?
+#
+# Task Arithmetic at λ = {glue:text}`dt_lambda` loses accuracy on a
 # task for two reasons: its task vector is scaled down (*scaling loss*: individual minus the
 # pretrained model plus λ·τ_t alone) and the other seven vectors are added (*interference*: that
 # single-task model minus Task Arithmetic). The disentangling study
@@ -698,7 +712,9 @@ publish_study("miniature_domains", glue, "tab_domains", "adamerging_miniature_do
 # Task Arithmetic, and the individual − TA gap split into scaling loss and interference. One seed
 # (the committed fine-tunes), no intervals. {download}`CSV <adamerging_miniature_disentangle.csv>`
 #
-# **Does the interference come from a shared input domain?** CLIP's eight tasks come from eight
+# ### Does the interference come from a shared input domain?
+#
+# CLIP's eight tasks come from eight
 # image domains; the miniature draws all eight as a glyph or shape on clutter, through one
 # photometric finish. The input-domain study (`benchmarks/miniature_domains.py`,
 # {glue:text}`dm_date`; {glue:text}`dm_minutes` on one thread) re-renders all eight tasks through a
