@@ -111,6 +111,12 @@ def run_variant(book, name, cfg, steps, seed):
     t0 = time.time()
     design.VARIANTS[name] = (VARIANTS[name], None)
     suite, _ = design.variant_suite(book, name, cfg)
+    return measure(suite, name, steps, seed, t0)
+
+
+def measure(suite, name, steps, seed, t0):
+    """Zero-shot, individual, each vector alone and TA at λ 0.3, layer-wise AdaMerging (entropy,
+    ``steps`` × 1) and the layer-wise oracle λ of one suite: rows of the study, and seconds since t0."""
     pre, fts, tasks = suite.pretrained, suite.finetuned_list(), list(suite.tasks)
     zero = evaluate(suite, pre)
     ind = {t: evaluate(suite, suite.finetuned[t], [t])[t] for t in tasks}

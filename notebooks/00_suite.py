@@ -154,8 +154,7 @@ glue("tab_sizes", sizes, display=False)
 # $j$ is the accuracy of the model fine-tuned on task $i$ when tested on task $j$; the row
 # labelled *pretrained* is zero-shot accuracy.
 
-
-# %%
+# %% tags=["hide-input", "remove-output"]
 matrix = ex.cross_task_matrix(suite)
 matrix["avg"] = matrix.mean(axis=1)
 individual = np.diag(matrix.loc[tasks, tasks].to_numpy())
@@ -183,7 +182,7 @@ glue("mtl_avg", f"{matrix.loc['traditional MTL', 'avg']:.1f} %" if "traditional 
      else "not run on this profile (no multi-task checkpoint is published)", display=False)
 offdiag = matrix.loc[tasks, tasks].to_numpy()[~np.eye(len(tasks), dtype=bool)]
 glue("offdiag_mean", f"{offdiag.mean():.1f}", display=False)
-matrix.round(1)
+matrix.round(1).to_csv("suite_cross_task_matrix.csv")
 
 # %% [markdown]
 # ```{glue:figure} fig_matrix
@@ -193,6 +192,7 @@ matrix.round(1)
 # (rows) on each task's test set (columns), on the active profile. The diagonal is the
 # *Individual* baseline; off-diagonal cells show how much fine-tuning on one task costs or helps
 # on the others. This is the miniature's counterpart of the Concrete paper's Tables 6-7.
+# {download}`CSV <suite_cross_task_matrix.csv>`
 # ```
 #
 # | | this profile |

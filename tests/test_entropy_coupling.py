@@ -392,3 +392,29 @@ def test_committed_domains_study_reads():
     at = dis[dis["lambda"] == 0.3]
     assert book["interference"] == round(float((at["alone"] - at["task_arithmetic"]).mean()), 1)
     assert domains_numbers(frame, record)["dm_baseline"] == "book"
+
+
+def test_pretraining_table_and_numbers_by_hand():
+    import pandas as pd
+
+    from mergebook.analysis import pretraining_numbers, pretraining_table
+
+    # book: TA 68, AM 71 (+3.0), oracle 75 (+7.0); longer: TA 70, AM 75 (+5.0 widens), oracle 77.5 (+7.5 leaves)
+    spec = {"book": (None, [("Pretrained", 60, 50), ("Individual", 90, 80), ("Alone (λ 0.3)", 80, 70),
+                            ("Task Arithmetic (λ 0.3)", 70, 66), ("Layer-wise AdaMerging", 74, 68),
+                            ("Layer-wise oracle λ", 78, 72)]),
+            "longer": (20.0, [("Pretrained", 62, 52), ("Individual", 91, 81), ("Alone (λ 0.3)", 82, 72),
+                              ("Task Arithmetic (λ 0.3)", 72, 68), ("Layer-wise AdaMerging", 77, 73),
+                              ("Layer-wise oracle λ", 80, 75)])}
+    frame = pd.DataFrame([{"variant": v, "method": m, "a": a, "b": b, "avg": (a + b) / 2,
+                           "logit_scale": float("nan") if sc is None else sc}
+                          for v, (sc, rows) in spec.items() for m, a, b in rows])
+    t = pretraining_table(frame).set_index("variant")
+    assert list(t["logit scale"]) == ["–", "20.0"]
+    assert list(t["interference"]) == [7.0, 7.0] and list(t["LW AM (Δ TA)"]) == ["71.0 (+3.0)", "75.0 (+5.0)"]
+    n = pretraining_numbers(frame, {"steps": 300, "date": "2026-12-06"})
+    assert n["pt_effect"] == ("longer: AdaMerging's gain over TA widens (+3.0 → +5.0), the oracle's holds "
+                              "(+7.0 → +7.5)")
+    assert (n["pt_gains"], n["pt_baseline"], n["pt_minutes"]) == ("book +3.0; longer +5.0", "book", "an unrecorded time")
+    with pytest.raises(ValueError, match="pretraining study's variant 'longer' has no row"):
+        pretraining_table(frame[~((frame["variant"] == "longer") & (frame["method"] == "Individual"))])

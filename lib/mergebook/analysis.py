@@ -800,14 +800,15 @@ def _domain_parts(get: Mapping[str, "pd.Series"]) -> dict[str, float]:
             "am": get["Layer-wise AdaMerging"]["avg"] - ta, "oracle": get["Layer-wise oracle λ"]["avg"] - ta}
 
 
-def domains_table(domains: "pd.DataFrame") -> "pd.DataFrame":
+def domains_table(domains: "pd.DataFrame", study: str = "miniature_domains") -> "pd.DataFrame":
     """The input-domain study (``benchmarks/miniature_domains.py``) as one row per variant: zero-shot,
     individual and Task Arithmetic (λ 0.3) averages, TA's gap split into scaling loss (individual −
     each vector alone) and interference (alone − TA), layer-wise AdaMerging's and the oracle λ's gain
-    over TA, and how many tasks AdaMerging leaves below TA."""
+    over TA, and how many tasks AdaMerging leaves below TA. The pretraining study measures the same
+    (``study`` names it in errors)."""
     import pandas as pd
 
-    tasks, variants = _design_rows(domains, DOMAINS_METHODS, "miniature_domains")
+    tasks, variants = _design_rows(domains, DOMAINS_METHODS, study)
     rows = []
     for variant, get in variants.items():
         p = _domain_parts(get)
@@ -857,6 +858,45 @@ def domains_numbers(domains: "pd.DataFrame", record: Mapping[str, Any], margin: 
     }
 
 
+def pretraining_table(study: "pd.DataFrame") -> "pd.DataFrame":
+    """The pretraining-length study (``benchmarks/miniature_pretraining.py``): :func:`domains_table`'s
+    columns per backbone, after the backbone's learned logit scale (– where not recorded)."""
+    table = domains_table(study, "miniature_pretraining")
+    scales = study.groupby("variant", sort=False)["logit_scale"].first() if "logit_scale" in study else {}
+    table.insert(1, "logit scale", [f"{scales[v]:.1f}" if v in scales and math.isfinite(scales[v]) else "–"
+                                    for v in table["variant"]])
+    return table
+
+
+def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0) -> dict[str, str]:
+    """The values chapter 02 quotes from the pretraining-length study, for ``glue`` (``pt_*``).
+
+    Against the first row (the committed backbone), ``pt_effect`` says for each longer-pretrained
+    backbone whether layer-wise AdaMerging's gain over Task Arithmetic and the oracle λ's gain
+    widened or narrowed by more than ``margin`` points, or held.
+    """
+    _, variants = _design_rows(study, DOMAINS_METHODS, "miniature_pretraining")
+    parts = {v: _domain_parts(get) for v, get in variants.items()}
+    base = next(iter(parts))
+    b = parts[base]
+
+    def move(before: float, after: float) -> str:
+        return ("widens" if after - before > margin else "narrows" if after - before < -margin else "holds") + \
+            f" ({before:+.1f} → {after:+.1f})"
+
+    effects = [f"{v}: AdaMerging's gain over TA {move(b['am'], p['am'])}, the oracle's {move(b['oracle'], p['oracle'])}"
+               for v, p in parts.items() if v != base]
+    fmt = lambda key, spec: "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())  # noqa: E731
+    return {
+        "pt_date": str(record.get("date", "undated")), "pt_steps": f"{int(record['steps'])}",
+        "pt_minutes": f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record else "an unrecorded time",
+        "pt_baseline": base, "pt_variants": ", ".join(v for v in parts if v != base),
+        "pt_zero": fmt("zero", ".1f"), "pt_ind": fmt("ind", ".1f"), "pt_ta": fmt("ta", ".1f"),
+        "pt_inter": fmt("inter", ".1f"), "pt_gains": fmt("am", "+.1f"), "pt_oracle": fmt("oracle", "+.1f"),
+        "pt_effect": "; ".join(effects) or "no longer-pretrained backbone was measured",
+    }
+
+
 # The recorded miniature studies the chapters show (02: the miniature's design; 03: the Concrete
 # budget): name -> (table view, quoted numbers).
 STUDY_VIEWS: dict[str, tuple[Callable[..., Any], Callable[..., dict[str, str]]]] = {
@@ -868,6 +908,7 @@ STUDY_VIEWS: dict[str, tuple[Callable[..., Any], Callable[..., dict[str, str]]]]
     "miniature_regime": (regime_table, regime_numbers),
     "miniature_disentangle": (disentangle_table, disentangle_numbers),
     "miniature_domains": (domains_table, domains_numbers),
+    "miniature_pretraining": (pretraining_table, pretraining_numbers),
     "concrete_budget": (concrete_budget_table, concrete_budget_numbers),
 }
 
