@@ -416,5 +416,12 @@ def test_pretraining_table_and_numbers_by_hand():
     assert n["pt_effect"] == ("longer: AdaMerging's gain over TA widens (+3.0 → +5.0), the oracle's holds "
                               "(+7.0 → +7.5)")
     assert (n["pt_gains"], n["pt_baseline"], n["pt_minutes"]) == ("book +3.0; longer +5.0", "book", "an unrecorded time")
+    assert list(t["LW AM below TA"]) == ["0 of 2", "0 of 2"]  # logit_scale is not a task column
+    # gaps: book 85 - 68 = 17.0, longer 86 - 70 = 16.0; the reported 16.2 is nearer the longer one
+    assert n["pt_gap"] == "book 17.0; longer 16.0" and "pt_closest" not in n
+    assert pretraining_numbers(frame, {"steps": 300}, reported_gap=16.2)["pt_closest"] == "longer"
+    assert pretraining_numbers(frame, {"steps": 300}, reported_gap=21.4)["pt_closest"] == "book"
+    with pytest.raises(ValueError, match="reported_gap must be a positive"):
+        pretraining_numbers(frame, {"steps": 300}, reported_gap=0)
     with pytest.raises(ValueError, match="pretraining study's variant 'longer' has no row"):
         pretraining_table(frame[~((frame["variant"] == "longer") & (frame["method"] == "Individual"))])

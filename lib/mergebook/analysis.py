@@ -570,7 +570,7 @@ DESIGN_METHODS = ("Pretrained", "Individual", "Task Arithmetic (λ 0.3)", "Layer
 
 def _design_rows(design: "pd.DataFrame", methods: Sequence[str] = DESIGN_METHODS, study: str = "miniature_design"):
     """(task columns, {variant: {method: row}}) of a per-variant study; a missing row names the rerun."""
-    tasks = [c for c in design.columns if c not in ("variant", "changed", "method", "avg", "seconds")]
+    tasks = [c for c in design.columns if c not in ("variant", "changed", "method", "avg", "seconds", "logit_scale")]
     out = {}
     for variant, part in design.groupby("variant", sort=False):
         got = {m: part[part["method"] == m] for m in methods}
@@ -868,12 +868,14 @@ def pretraining_table(study: "pd.DataFrame") -> "pd.DataFrame":
     return table
 
 
-def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0) -> dict[str, str]:
+def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin: float = 1.0,
+                        reported_gap: float | None = None) -> dict[str, str]:
     """The values chapter 02 quotes from the pretraining-length study, for ``glue`` (``pt_*``).
 
     Against the first row (the committed backbone), ``pt_effect`` says for each longer-pretrained
     backbone whether layer-wise AdaMerging's gain over Task Arithmetic and the oracle λ's gain
-    widened or narrowed by more than ``margin`` points, or held.
+    widened or narrowed by more than ``margin`` points, or held. With ``reported_gap`` (the paper's
+    individual − TA average) ``pt_closest`` names the backbone whose gap is nearest to it.
     """
     _, variants = _design_rows(study, DOMAINS_METHODS, "miniature_pretraining")
     parts = {v: _domain_parts(get) for v, get in variants.items()}
@@ -887,14 +889,21 @@ def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin
     effects = [f"{v}: AdaMerging's gain over TA {move(b['am'], p['am'])}, the oracle's {move(b['oracle'], p['oracle'])}"
                for v, p in parts.items() if v != base]
     fmt = lambda key, spec: "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())  # noqa: E731
-    return {
+    out = {
         "pt_date": str(record.get("date", "undated")), "pt_steps": f"{int(record['steps'])}",
         "pt_minutes": f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record else "an unrecorded time",
         "pt_baseline": base, "pt_variants": ", ".join(v for v in parts if v != base),
         "pt_zero": fmt("zero", ".1f"), "pt_ind": fmt("ind", ".1f"), "pt_ta": fmt("ta", ".1f"),
         "pt_inter": fmt("inter", ".1f"), "pt_gains": fmt("am", "+.1f"), "pt_oracle": fmt("oracle", "+.1f"),
         "pt_effect": "; ".join(effects) or "no longer-pretrained backbone was measured",
+        "pt_gap": "; ".join(f"{v} {p['ind'] - p['ta']:.1f}" for v, p in parts.items()),
     }
+    if reported_gap is not None:
+        if not (math.isfinite(reported_gap) and reported_gap > 0):
+            raise ValueError(f"pretraining_numbers: reported_gap must be a positive number of points, got {reported_gap}")
+        out["pt_gap_rep"] = f"{reported_gap:.1f}"
+        out["pt_closest"] = min(parts, key=lambda v: abs(parts[v]["ind"] - parts[v]["ta"] - reported_gap))
+    return out
 
 
 # The recorded miniature studies the chapters show (02: the miniature's design; 03: the Concrete
