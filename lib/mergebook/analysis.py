@@ -796,8 +796,30 @@ def _domain_parts(get: Mapping[str, "pd.Series"]) -> dict[str, float]:
     """One domains-study variant's averages and the split of the individual − TA gap."""
     ind, alone = get["Individual"]["avg"], get["Alone (λ 0.3)"]["avg"]
     ta = get["Task Arithmetic (λ 0.3)"]["avg"]
-    return {"zero": get["Pretrained"]["avg"], "ind": ind, "ta": ta, "scaling": ind - alone, "inter": alone - ta,
-            "am": get["Layer-wise AdaMerging"]["avg"] - ta, "oracle": get["Layer-wise oracle λ"]["avg"] - ta}
+    return {"zero": get["Pretrained"]["avg"], "ind": ind, "ta": ta, "gap": ind - ta, "scaling": ind - alone,
+            "inter": alone - ta, "am": get["Layer-wise AdaMerging"]["avg"] - ta,
+            "oracle": get["Layer-wise oracle λ"]["avg"] - ta}
+
+
+def _variant_numbers(study: "pd.DataFrame", record: Mapping[str, Any], name: str, prefix: str
+                     ) -> tuple[dict[str, dict[str, float]], str, Callable[[str, str], str], dict[str, str]]:
+    """What the domains and pretraining views share: each variant's :func:`_domain_parts`, the
+    baseline (first) variant, a formatter of one quantity over the variants ("v1 x; v2 y") and the
+    record's date, steps and minutes with the baseline and the other variants' names as glue values."""
+    _, variants = _design_rows(study, DOMAINS_METHODS, name)
+    parts = {v: _domain_parts(get) for v, get in variants.items()}
+    base = next(iter(parts))
+
+    def fmt(key: str, spec: str) -> str:
+        return "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())
+
+    header = {
+        f"{prefix}_date": str(record.get("date", "undated")), f"{prefix}_steps": f"{int(record['steps'])}",
+        f"{prefix}_minutes": (f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record
+                              else "an unrecorded time"),
+        f"{prefix}_baseline": base, f"{prefix}_variants": ", ".join(v for v in parts if v != base),
+    }
+    return parts, base, fmt, header
 
 
 def domains_table(domains: "pd.DataFrame", study: str = "miniature_domains") -> "pd.DataFrame":
@@ -830,9 +852,7 @@ def domains_numbers(domains: "pd.DataFrame", record: Mapping[str, Any], margin: 
     names the variants whose zero-shot average falls more than ten times ``margin`` below the
     baseline's (the backbone no longer reads the images).
     """
-    _, variants = _design_rows(domains, DOMAINS_METHODS, "miniature_domains")
-    parts = {v: _domain_parts(get) for v, get in variants.items()}
-    base = next(iter(parts))
+    parts, base, fmt, header = _variant_numbers(domains, record, "miniature_domains", "dm")
     b = parts[base]
     effects = []
     for v, p in parts.items():
@@ -844,12 +864,8 @@ def domains_numbers(domains: "pd.DataFrame", record: Mapping[str, Any], margin: 
         effects.append(f"{v} cuts the interference from {b['inter']:.1f} to {p['inter']:.1f} points and {how}")
     broken = [f"{v} ({p['zero']:.1f} against {b['zero']:.1f})" for v, p in parts.items()
               if b["zero"] - p["zero"] > 10 * margin]
-    fmt = lambda key, spec: "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())  # noqa: E731
     return {
-        "dm_date": str(record.get("date", "undated")), "dm_steps": f"{int(record['steps'])}",
-        "dm_minutes": f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record else "an unrecorded time",
-        "dm_baseline": base, "dm_variants": ", ".join(v for v in parts if v != base),
-        "dm_ta": fmt("ta", ".1f"), "dm_inter": fmt("inter", ".1f"), "dm_gains": fmt("am", "+.1f"),
+        **header, "dm_ta": fmt("ta", ".1f"), "dm_inter": fmt("inter", ".1f"), "dm_gains": fmt("am", "+.1f"),
         "dm_oracle": fmt("oracle", "+.1f"), "dm_zero": fmt("zero", ".1f"),
         "dm_effect": ("; ".join(effects) if effects else
                       f"no variant cuts the interference by more than {margin:g} point"),
@@ -877,9 +893,7 @@ def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin
     widened or narrowed by more than ``margin`` points, or held. With ``reported_gap`` (the paper's
     individual − TA average) ``pt_closest`` names the backbone whose gap is nearest to it.
     """
-    _, variants = _design_rows(study, DOMAINS_METHODS, "miniature_pretraining")
-    parts = {v: _domain_parts(get) for v, get in variants.items()}
-    base = next(iter(parts))
+    parts, base, fmt, header = _variant_numbers(study, record, "miniature_pretraining", "pt")
     b = parts[base]
 
     def move(before: float, after: float) -> str:
@@ -888,21 +902,17 @@ def pretraining_numbers(study: "pd.DataFrame", record: Mapping[str, Any], margin
 
     effects = [f"{v}: AdaMerging's gain over TA {move(b['am'], p['am'])}, the oracle's {move(b['oracle'], p['oracle'])}"
                for v, p in parts.items() if v != base]
-    fmt = lambda key, spec: "; ".join(f"{v} {format(p[key], spec)}" for v, p in parts.items())  # noqa: E731
     out = {
-        "pt_date": str(record.get("date", "undated")), "pt_steps": f"{int(record['steps'])}",
-        "pt_minutes": f"{float(record['seconds']) / 60:.0f} min" if "seconds" in record else "an unrecorded time",
-        "pt_baseline": base, "pt_variants": ", ".join(v for v in parts if v != base),
-        "pt_zero": fmt("zero", ".1f"), "pt_ind": fmt("ind", ".1f"), "pt_ta": fmt("ta", ".1f"),
+        **header, "pt_zero": fmt("zero", ".1f"), "pt_ind": fmt("ind", ".1f"), "pt_ta": fmt("ta", ".1f"),
         "pt_inter": fmt("inter", ".1f"), "pt_gains": fmt("am", "+.1f"), "pt_oracle": fmt("oracle", "+.1f"),
         "pt_effect": "; ".join(effects) or "no longer-pretrained backbone was measured",
-        "pt_gap": "; ".join(f"{v} {p['ind'] - p['ta']:.1f}" for v, p in parts.items()),
+        "pt_gap": fmt("gap", ".1f"),
     }
     if reported_gap is not None:
         if not (math.isfinite(reported_gap) and reported_gap > 0):
             raise ValueError(f"pretraining_numbers: reported_gap must be a positive number of points, got {reported_gap}")
         out["pt_gap_rep"] = f"{reported_gap:.1f}"
-        out["pt_closest"] = min(parts, key=lambda v: abs(parts[v]["ind"] - parts[v]["ta"] - reported_gap))
+        out["pt_closest"] = min(parts, key=lambda v: abs(parts[v]["gap"] - reported_gap))
     return out
 
 
